@@ -88,7 +88,7 @@ impl Bus {
 
 // A device whose lock was poisoned panicked on another thread while handling an access; its state is
 // still the best we have, and the guest must not be able to turn one panic into a cascade.
-fn lock(dev: &Arc<Mutex<dyn BusDevice>>) -> std::sync::MutexGuard<'_, dyn BusDevice> {
+fn lock(dev: &Arc<Mutex<dyn BusDevice>>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
