@@ -1,0 +1,15 @@
+//! nvmm: a small VMM for Linux guests on KVM, built to run at any nesting layer.
+
+pub mod boot;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod kvm;
+pub mod logger;
+pub mod memory;
+pub mod mptable;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;

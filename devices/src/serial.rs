@@ -1,0 +1,97 @@
+//! The 16550A UART (vm-superio) on the port bus: output to a writer, input pushed by the VMM.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use crate::bus::BusDevice;
+use crate::trigger::EventFdTrigger;
+
+/// COM1's ports and IRQ.
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const PORT_COUNT: u64 = 8;
+
+pub struct SerialPort {
+    uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialPort {
+    /// `interrupt` is signalled when the guest should look at the UART (wired to an irqfd).
+    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self { uart: Serial::new(interrupt, out) }
+    }
+
+    /// Queues input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO, so input can wait instead of being dropped.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(first) = data.first_mut() {
+            *first = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&value) = data.first() {
+            // A closed console must not stop the guest; the error is the writer's, not the guest's.
+            if let Err(e) = self.uart.write(offset as u8, value) {
+                log::debug!("serial output: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_and_input() {
+        let sink = Sink::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialPort::new(EventFdTrigger(evt.try_clone().unwrap()), Box::new(sink.clone()));
+        for b in b"hi" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        s.write(1, &[1]); // IER: receive-data interrupt
+        assert_eq!(s.enqueue_input(b"x"), 1);
+        assert_eq!(evt.read().unwrap(), 1);
+        let mut b = [0u8];
+        s.read(5, &mut b); // LSR: data ready
+        assert_eq!(b[0] & 1, 1);
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+    }
+}

@@ -1,0 +1,98 @@
+//! Building a VM from its configuration and running it to the end, in one readable order.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+use crate::boot;
+use crate::config::VmConfig;
+use crate::cpuid;
+use crate::devices::{self, ConsoleInput, ExitWatcher};
+use crate::kvm;
+use crate::memory;
+use crate::mptable;
+use crate::terminal::RawMode;
+use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
+use crate::vm::Vm;
+
+/// One error per build stage; each stage's message says what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kvm(#[from] kvm::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Devices(#[from] devices::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: {1}")]
+    BootTables(u8, #[source] regs::Error),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Builds the VM described by `config`, runs it, and returns how it ended.
+pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
+    let kvm = kvm::open()?;
+    let mem = memory::create(config.mem_bytes)?;
+    let vm = Vm::create(&kvm, mem)?;
+
+    let kernel = boot::load_kernel(&vm.mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&vm.mem, &kernel, path)?),
+        None => None,
+    };
+
+    let mut io = IoBuses::default();
+    let legacy = devices::setup_legacy(&vm, &mut io, start)?;
+    let cmdline = config.cmdline.clone();
+
+    boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
+    boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), initrd, config.mem_bytes)?;
+    mptable::setup(&vm.mem, config.cpus)?;
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
+    let msrs = regs::boot_msrs(&[]);
+    let mut vcpus = Vec::with_capacity(config.cpus.into());
+    for id in 0..config.cpus {
+        let mut cpuid = supported.clone();
+        cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus);
+        let vcpu = Vcpu::new(&vm.fd, id)?;
+        vcpu.configure(&cpuid, &msrs)?;
+        vcpus.push(vcpu);
+    }
+    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(|e| Error::BootTables(0, e))?;
+    vcpus[0].configure_boot(kernel.entry, &gdt)?;
+
+    let signal = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset })));
+    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
+
+    let _raw = RawMode::enter();
+    let io = Arc::new(io);
+    for vcpu in vcpus {
+        vcpu.spawn(io.clone(), signal.clone())?;
+    }
+    log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
+    loop {
+        if let Some(why) = signal.reason() {
+            return Ok(why);
+        }
+        events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    }
+}

@@ -1,0 +1,127 @@
+//! The command line: flags with units and defaults, turned into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS};
+
+#[derive(Parser, Debug)]
+#[command(name = "nvmm", version, about = "A small VMM for Linux guests on KVM, at any nesting layer", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Log level: off, error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "warn", value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check that this host can run nvmm (and nested guests), one PASS/WARN/FAIL line per check.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux (PVH entry if it has the note).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. virtio_mmio.device= entries for --disk/--net are appended to it.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs, 1 to 64, one thread each.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS as i64))]
+    pub cpus: u8,
+    /// Expose hardware virtualization (VMX on Intel, SVM on AMD) so the guest can run its own KVM.
+    #[arg(long)]
+    pub nested: bool,
+    /// A virtio block disk: path=FILE[,readonly=on][,id=NAME]. Repeatable.
+    #[arg(long, value_name = "OPTIONS", value_parser = config::parse_disk)]
+    pub disk: Vec<config::DiskConfig>,
+    /// A virtio net device on a TAP: tap=NAME[,mac=MAC]. The TAP is created if missing. Repeatable.
+    #[arg(long, value_name = "OPTIONS", value_parser = config::parse_net)]
+    pub net: Vec<config::NetConfig>,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("unknown log level '{s}' (off, error, warn, info, debug, trace)"))
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("--kernel is required (see --help)")]
+    NoKernel,
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> Result<VmConfig, Error> {
+        Ok(VmConfig {
+            kernel: self.kernel.ok_or(Error::NoKernel)?,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            mem_bytes: self.mem,
+            cpus: self.cpus,
+            nested: self.nested,
+            disks: self.disk,
+            nets: self.net,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nvmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--kernel", "/k"]).unwrap().run.into_config().unwrap();
+        assert_eq!(c.mem_bytes, 256 << 20);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(!c.nested);
+    }
+
+    #[test]
+    fn full_run_line() {
+        let c = parse(&["--kernel", "/k", "--initrd", "/i", "--mem", "1G", "--cpus", "32", "--nested",
+            "--disk", "path=/a.img", "--disk", "path=/b.img,readonly=on", "--net", "tap=t0"])
+            .unwrap()
+            .run
+            .into_config()
+            .unwrap();
+        assert_eq!((c.mem_bytes, c.cpus, c.nested, c.disks.len(), c.nets.len()), (1 << 30, 32, true, 2, 1));
+        assert!(c.disks[1].read_only);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse(&["--kernel", "/k", "--cpus", "0"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--cpus", "65"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--mem", "lots"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--disk", "readonly=on"]).is_err());
+        assert_eq!(parse(&[]).unwrap().run.into_config(), Err(Error::NoKernel));
+    }
+
+    #[test]
+    fn check_subcommand() {
+        let c = parse(&["check", "--json"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Check { json: true })));
+    }
+}

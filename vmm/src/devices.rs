@@ -1,0 +1,121 @@
+//! Placing devices on the buses and wiring their interrupts: the legacy PC devices here, virtio in
+//! `virtio.rs`. Also the event-loop subscribers for the console and for the VM's end.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use nvmm_devices::i8042::{self, I8042};
+use nvmm_devices::serial::{self, SerialPort};
+use nvmm_devices::trigger::EventFdTrigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu::{ExitSignal, IoBuses, VmExit};
+use crate::vm::Vm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("device placement: {0}")]
+    Bus(#[from] nvmm_devices::bus::BusError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::Error),
+}
+
+fn eventfd() -> Result<EventFd, Error> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)
+}
+
+/// The legacy devices, and what the event loop needs to serve them.
+pub struct Legacy {
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub reset: EventFd,
+}
+
+/// COM1 to stdout, the i8042 for reset, and the boot timer port.
+pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant) -> Result<Legacy, Error> {
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(EventFdTrigger(serial_irq), Box::new(std::io::stdout()))));
+    io.pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())?;
+
+    let reset = eventfd()?;
+    let dup = reset.try_clone().map_err(Error::EventFd)?;
+    io.pio.insert(i8042::I8042_PORT, i8042::PORT_COUNT, Arc::new(Mutex::new(I8042::new(EventFdTrigger(dup)))))?;
+    io.pio.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(BootTimer::new(start))))?;
+    Ok(Legacy { serial, reset })
+}
+
+/// Feeds the host's stdin to the guest's serial port.
+pub struct ConsoleInput {
+    serial: Arc<Mutex<SerialPort>>,
+    pending: Vec<u8>,
+}
+
+impl ConsoleInput {
+    pub fn new(serial: Arc<Mutex<SerialPort>>) -> Self {
+        Self { serial, pending: Vec::new() }
+    }
+
+    fn flush_pending(&mut self) {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let n = serial.enqueue_input(&self.pending);
+        self.pending.drain(..n);
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&std::io::stdin(), EventSet::IN)) {
+            // stdin may be a file or closed (e.g. under CI); the guest then has no console input.
+            log::debug!("console input unavailable: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if !self.pending.is_empty() {
+            self.flush_pending();
+            return;
+        }
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(n) if n > 0 => {
+                self.pending.extend_from_slice(&buf[..n]);
+                self.flush_pending();
+            }
+            // EOF or an error: stop watching, or epoll would report it forever.
+            _ => {
+                let _ = ops.remove(events);
+            }
+        }
+    }
+}
+
+/// Wakes the main loop when the VM must end: a vCPU stopped, or the guest pulsed the i8042 reset.
+pub struct ExitWatcher {
+    pub signal: Arc<ExitSignal>,
+    pub reset: EventFd,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.signal.event(), &self.reset] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                log::error!("cannot watch for VM exit: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset.as_raw_fd() {
+            let _ = self.reset.read();
+            self.signal.exit(VmExit::Reset);
+        } else {
+            let _ = self.signal.event().read();
+        }
+    }
+}

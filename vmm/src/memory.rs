@@ -1,0 +1,161 @@
+//! The guest physical address map, guest RAM, and the E820 map that describes it.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Fixed guest-physical addresses used during boot. All sit in the first MiB, below the kernel.
+pub mod layout {
+    /// GDT and IDT for the boot CPU state.
+    pub const GDT_START: u64 = 0x500;
+    pub const IDT_START: u64 = 0x520;
+    /// PVH `hvm_start_info`, its module list and its memory map.
+    pub const PVH_INFO_START: u64 = 0x6000;
+    pub const PVH_MODLIST_START: u64 = 0x6040;
+    pub const PVH_MEMMAP_START: u64 = 0x6080;
+    /// Linux "zero page" (`boot_params`).
+    pub const ZERO_PAGE_START: u64 = 0x7000;
+    pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+    /// Identity-mapped page tables: PML4, PDPT, then one PD per GiB.
+    pub const PML4_START: u64 = 0x9000;
+    pub const PDPTE_START: u64 = 0xa000;
+    pub const PDE_START: u64 = 0xb000;
+    /// Number of GiB identity-mapped for the 64-bit entry (covers kernel, zero page and cmdline).
+    pub const IDENTITY_MAPPED_GIB: u64 = 4;
+    pub const CMDLINE_START: u64 = 0x20000;
+    pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+    /// The MP table lives in the last KiB of base memory, one of the places Linux scans for it.
+    pub const MPTABLE_START: u64 = 0x9fc00;
+    /// Reserved from the MP table to the end of the first MiB (EBDA, VGA, BIOS ROM).
+    pub const EBDA_START: u64 = MPTABLE_START;
+    pub const HIMEM_START: u64 = 0x10_0000;
+    /// RAM stops here and resumes at 4 GiB; the gap holds device MMIO, the IOAPIC and the LAPIC.
+    pub const MMIO_GAP_START: u64 = 0xc000_0000;
+    pub const MMIO_GAP_END: u64 = 1 << 32;
+    /// Where virtio-mmio windows are placed, one page each.
+    pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+    pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+    pub const IOAPIC_START: u64 = 0xfec0_0000;
+    pub const APIC_START: u64 = 0xfee0_0000;
+    /// KVM needs three pages for the TSS and one for the identity map on Intel, inside the gap.
+    pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+    pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+}
+
+use layout::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--mem {0} MiB is too small: nvmm needs at least {MIN_MEM_MIB} MiB")]
+    TooSmall(u64),
+    #[error("--mem {mib} MiB is more than this host's {host_mib} MiB of RAM")]
+    TooLarge { mib: u64, host_mib: u64 },
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Allocate(u64, #[source] vm_memory::mmap::FromRangesError),
+}
+
+pub const MIN_MEM_MIB: u64 = 16;
+
+/// Guest RAM ranges for `size` bytes: below the MMIO gap first, the rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), (size - low) as usize));
+    }
+    ranges
+}
+
+/// Allocates guest RAM after checking the size against what the host has.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
+    let mib = size >> 20;
+    if mib < MIN_MEM_MIB {
+        return Err(Error::TooSmall(mib));
+    }
+    if let Some(host_mib) = host_mem_mib() {
+        if mib > host_mib {
+            return Err(Error::TooLarge { mib, host_mib });
+        }
+    }
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Allocate(mib, e))
+}
+
+fn host_mem_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
+}
+
+/// The end of RAM below the MMIO gap.
+pub fn low_mem_end(size: u64) -> u64 {
+    size.min(MMIO_GAP_START)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum E820Kind {
+    Ram = 1,
+    Reserved = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: E820Kind,
+}
+
+/// The E820 map for `size` bytes of RAM: base memory, the reserved EBDA/BIOS area, RAM from
+/// 1 MiB to the MMIO gap, and RAM above 4 GiB.
+pub fn e820_map(size: u64) -> Vec<E820Entry> {
+    let entry = |addr, size, kind| E820Entry { addr, size, kind };
+    let mut map = vec![
+        entry(0, EBDA_START, E820Kind::Ram),
+        entry(EBDA_START, HIMEM_START - EBDA_START, E820Kind::Reserved),
+    ];
+    let low_end = low_mem_end(size);
+    if low_end > HIMEM_START {
+        map.push(entry(HIMEM_START, low_end - HIMEM_START, E820Kind::Ram));
+    }
+    if size > low_end {
+        map.push(entry(MMIO_GAP_END, size - low_end, E820Kind::Ram));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_no_high_ram() {
+        let map = e820_map(256 << 20);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820Kind::Ram });
+        assert_eq!(map[1].kind, E820Kind::Reserved);
+        assert_eq!(map[2], E820Entry { addr: 0x100000, size: (256 << 20) - 0x100000, kind: E820Kind::Ram });
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let size = 5u64 << 30;
+        let map = e820_map(size);
+        assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
+        assert_eq!(map[3], E820Entry { addr: 1 << 32, size: size - MMIO_GAP_START, kind: E820Kind::Ram });
+        let ram: u64 = map.iter().filter(|e| e.kind == E820Kind::Ram).map(|e| e.size).sum();
+        assert_eq!(ram, size - (HIMEM_START - EBDA_START));
+        let ranges = ram_ranges(size);
+        assert_eq!(ranges[1], (GuestAddress(1 << 32), (size - MMIO_GAP_START) as usize));
+        // No RAM range may overlap the devices' windows.
+        for (start, len) in ranges {
+            let end = start.0 + len as u64;
+            assert!(end <= VIRTIO_MMIO_START || start.0 >= MMIO_GAP_END);
+        }
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(create(1 << 20), Err(Error::TooSmall(1))));
+        assert!(matches!(create(1 << 50), Err(Error::TooLarge { .. })));
+        assert!(create(32 << 20).is_ok());
+    }
+}

@@ -1,0 +1,71 @@
+//! The host terminal in raw mode while the guest owns it, restored on every way out: normal return,
+//! error, and fatal signals.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
+static HANDLERS_SET: AtomicBool = AtomicBool::new(false);
+
+/// Restores the terminal when dropped.
+pub struct RawMode(());
+
+impl RawMode {
+    /// Puts stdin in raw mode if it is a terminal; otherwise does nothing.
+    pub fn enter() -> Option<RawMode> {
+        // SAFETY: isatty only inspects the fd.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and pointer to a termios we own.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+            return None;
+        }
+        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        install_signal_handlers();
+        let mut raw = t;
+        // SAFETY: cfmakeraw only edits the struct we own.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so host-side log lines still start at column 0.
+        raw.c_oflag |= libc::OPOST;
+        // SAFETY: valid fd and termios.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
+        Some(RawMode(()))
+    }
+}
+
+fn restore() {
+    if let Ok(saved) = SAVED.try_lock() {
+        if let Some(t) = saved.as_ref() {
+            // SAFETY: valid fd and termios saved by `enter`.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+extern "C" fn on_fatal_signal(sig: libc::c_int) {
+    restore();
+    // SAFETY: restoring the default action and re-raising is async-signal-safe.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+fn install_signal_handlers() {
+    if HANDLERS_SET.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGSEGV, libc::SIGABRT] {
+        // SAFETY: the handler only calls tcsetattr, signal and raise, which are async-signal-safe.
+        unsafe { libc::signal(sig, on_fatal_signal as *const () as libc::sighandler_t) };
+    }
+}

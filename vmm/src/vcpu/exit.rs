@@ -1,0 +1,121 @@
+//! What to do with one VM exit. A free function over the I/O buses, so tests drive it without a
+//! vCPU thread.
+
+use kvm_ioctls::VcpuExit;
+use nvmm_devices::bus::Bus;
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked for a reset (i8042 pulse, triple fault): how our guests power off.
+    Reset,
+    /// Something went wrong; the message says what.
+    Error(String),
+}
+
+/// The guest-visible I/O address spaces.
+#[derive(Default)]
+pub struct IoBuses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Stop(VmExit),
+}
+
+/// Handles one exit. Accesses to unclaimed ports read as all ones (a floating ISA bus) and
+/// unclaimed MMIO reads as zero; writes to either are dropped.
+pub fn handle_exit(exit: VcpuExit, io: &IoBuses) -> Action {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !io.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            io.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !io.mmio.read(addr, data) {
+                data.fill(0);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            io.mmio.write(addr, data);
+        }
+        VcpuExit::Shutdown => return Action::Stop(VmExit::Reset),
+        // With the in-kernel LAPIC, HLT is handled by KVM; seeing it means interrupts are off for good.
+        VcpuExit::Hlt => return Action::Stop(VmExit::Error("the guest halted with interrupts disabled".into())),
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Action::Stop(VmExit::Error(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})")))
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            return Action::Stop(VmExit::Error(format!("unexpected system event {kind} from the guest")))
+        }
+        // Signals and immediate-exit requests land here; the loop decides what to do next.
+        VcpuExit::Intr => {}
+        other => return Action::Stop(VmExit::Error(format!("unhandled VM exit: {other:?}"))),
+    }
+    Action::Continue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvmm_devices::bus::BusDevice;
+    use std::sync::{Arc, Mutex};
+
+    struct Reg(Vec<u8>);
+    impl BusDevice for Reg {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(self.0.get(offset as usize).copied().unwrap_or(0));
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.resize(offset as usize + 1, 0);
+            self.0[offset as usize] = data[0];
+        }
+    }
+
+    fn buses() -> (IoBuses, Arc<Mutex<Reg>>) {
+        let reg = Arc::new(Mutex::new(Reg(vec![])));
+        let mut io = IoBuses::default();
+        io.pio.insert(0x3f8, 8, reg.clone()).unwrap();
+        io.mmio.insert(0xd000_0000, 0x1000, reg.clone()).unwrap();
+        (io, reg)
+    }
+
+    #[test]
+    fn port_io_reaches_the_device_and_unclaimed_ports_float() {
+        let (io, reg) = buses();
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f9, &[0x42]), &io), Action::Continue);
+        assert_eq!(reg.lock().unwrap().0[1], 0x42);
+        let mut b = [0u8; 1];
+        handle_exit(VcpuExit::IoIn(0x3f9, &mut b), &io);
+        assert_eq!(b[0], 0x42);
+        let mut b = [0u8; 2];
+        handle_exit(VcpuExit::IoIn(0x2f8, &mut b), &io);
+        assert_eq!(b, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn mmio_reaches_the_device_and_unclaimed_reads_are_zero() {
+        let (io, reg) = buses();
+        handle_exit(VcpuExit::MmioWrite(0xd000_0004, &[9, 0, 0, 0]), &io);
+        assert_eq!(reg.lock().unwrap().0[4], 9);
+        let mut b = [0xaau8; 4];
+        handle_exit(VcpuExit::MmioRead(0xe000_0000, &mut b), &io);
+        assert_eq!(b, [0; 4]);
+    }
+
+    #[test]
+    fn shutdown_and_failures_stop_the_vm() {
+        let (io, _) = buses();
+        assert_eq!(handle_exit(VcpuExit::Shutdown, &io), Action::Stop(VmExit::Reset));
+        assert!(matches!(handle_exit(VcpuExit::FailEntry(0x80000021, 0), &io), Action::Stop(VmExit::Error(_))));
+        assert!(matches!(handle_exit(VcpuExit::Hlt, &io), Action::Stop(VmExit::Error(_))));
+        assert_eq!(handle_exit(VcpuExit::Intr, &io), Action::Continue);
+    }
+}
