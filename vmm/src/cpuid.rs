@@ -15,6 +15,9 @@ const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 /// Leaf 1 EBX: bits 31..24 initial APIC ID, bits 23..16 logical processors per package.
 const EBX_APIC_ID_SHIFT: u32 = 24;
 const EBX_LOGICAL_COUNT_SHIFT: u32 = 16;
+/// Leaf 1 ECX bit 31: running under a hypervisor. KVM's supported set leaves it clear, and without
+/// it Linux never looks at leaf 0x4000_0000, so it misses kvm-clock and paravirt features.
+const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bit 28 (HTT): EBX[23:16] is valid, i.e. more than one logical processor.
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX bit 1 (CmpLegacy): multi-core, tells AMD guests to use 0x8000_0008.
@@ -60,6 +63,7 @@ pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8) {
         match e.function {
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0xffff) | (apic_id << EBX_APIC_ID_SHIFT) | ((count32.next_power_of_two() & 0xff) << EBX_LOGICAL_COUNT_SHIFT);
+                e.ecx |= ECX_HYPERVISOR;
                 if count > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -160,6 +164,7 @@ pub(crate) mod tests {
             assert_eq!(l1.ebx >> 24, id as u32);
             assert_eq!((l1.ebx >> 16) & 0xff, 4);
             assert_ne!(l1.edx & EDX_HTT, 0);
+            assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
             assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
             assert_eq!(get(&c, 0xb, 0).ebx, 1);
             assert_eq!(get(&c, 0xb, 1).ebx, 4);

@@ -38,12 +38,30 @@ pub fn open() -> Result<Kvm, Error> {
         libc::EACCES | libc::EPERM => Error::Permission,
         _ => Error::Open(e),
     })?;
-    let version = kvm.get_api_version();
+    check(kvm.get_api_version(), |cap| kvm.check_extension(cap))?;
+    Ok(kvm)
+}
+
+/// Checks an API version and capability set against what nvmm needs.
+pub fn check(version: i32, has: impl Fn(Cap) -> bool) -> Result<(), Error> {
     if version != KVM_API_VERSION {
         return Err(Error::ApiVersion(version));
     }
-    if let Some((_, name)) = REQUIRED_CAPS.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
-        return Err(Error::MissingCap(name));
+    match REQUIRED_CAPS.iter().find(|(cap, _)| !has(*cap)) {
+        Some((_, name)) => Err(Error::MissingCap(name)),
+        None => Ok(()),
     }
-    Ok(kvm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_version_and_caps_are_named() {
+        assert!(check(12, |_| true).is_ok());
+        assert_eq!(check(11, |_| true).unwrap_err().to_string(), "KVM API version 11 is not supported (nvmm needs 12)");
+        let e = check(12, |c| !matches!(c, Cap::Irqfd)).unwrap_err();
+        assert_eq!(e.to_string(), "the host KVM lacks KVM_CAP_IRQFD, which nvmm needs");
+    }
 }

@@ -73,10 +73,11 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 2;
-    // ISA IRQ n arrives on IOAPIC pin n; pin 0 carries the 8259's ExtINT, as on PC hardware.
+    // ISA IRQ n arrives on IOAPIC pin n, as KVM's default GSI routing wires it. The 8259's ExtINT
+    // reaches the CPUs through LINT0 only: declaring it on an IOAPIC pin too leaves Linux without
+    // a mapping for IRQ 0 (the timer) and it oopses in check_timer().
     for pin in 0..IOAPIC_PINS {
-        let kind = if pin == 0 { INT_TYPE_EXTINT } else { INT_TYPE_INT };
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT]);
         entries.extend_from_slice(&INT_FLAGS_CONFORM.to_le_bytes());
         entries.extend_from_slice(&[ISA_BUS_ID, pin, ioapic_id, pin]);
         count += 1;
@@ -156,6 +157,16 @@ mod tests {
             // The IOAPIC follows the bus entry and takes the next free APIC ID.
             let ioapic = &table[44 + 20 * n as usize + 8..];
             assert_eq!((ioapic[0], ioapic[1]), (ENTRY_IOAPIC, n));
+        }
+    }
+
+    #[test]
+    fn every_ioapic_pin_is_a_plain_interrupt() {
+        let n = 2usize;
+        let t = build(n as u8, MPTABLE_START).unwrap();
+        let io_entries = &t[16 + 44 + 20 * n + 16..][..8 * IOAPIC_PINS as usize];
+        for (pin, e) in io_entries.chunks(8).enumerate() {
+            assert_eq!((e[0], e[1], e[5], e[7]), (ENTRY_IO_INTERRUPT, INT_TYPE_INT, pin as u8, pin as u8));
         }
     }
 

@@ -36,6 +36,8 @@ pub enum Error {
     NotAKernel(PathBuf),
     #[error("cannot load kernel {path}: {reason} (a truncated or corrupt image?)")]
     Load { path: PathBuf, reason: linux_loader::loader::Error },
+    #[error("kernel {path} is truncated: {actual} bytes, its header says {expected}")]
+    Truncated { path: PathBuf, actual: u64, expected: u64 },
     #[error("kernel {path} needs {need_mib} MiB of guest memory to boot, more than --mem gives ({have_mib} MiB)")]
     KernelTooBig { path: PathBuf, need_mib: u64, have_mib: u64 },
     #[error("initrd {path} ({size_mib} MiB) does not fit in guest memory below {limit:#x} after the kernel; raise --mem")]
@@ -134,6 +136,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
 
     let (entry, cmdline_max) = match (format, result.setup_header) {
         (Format::BzImage, Some(hdr)) => {
+            check_bzimage_complete(path, &hdr)?;
             check_init_size(path, &hdr, mem_size)?;
             // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
             (Entry::Linux64 { rip: result.kernel_load.0 + 0x200 }, cmdline_size(&hdr))
@@ -159,6 +162,17 @@ fn cmdline_size(hdr: &setup_header) -> usize {
     } else {
         255
     }
+}
+
+/// The loader takes whatever follows the setup code; `syssize` says how much there should be.
+fn check_bzimage_complete(path: &Path, hdr: &setup_header) -> Result<(), Error> {
+    let setup_sects = if hdr.setup_sects == 0 { 4 } else { u64::from(hdr.setup_sects) };
+    let expected = (setup_sects + 1) * 512 + u64::from(hdr.syssize) * 16;
+    let actual = file_len(path);
+    if actual < expected {
+        return Err(Error::Truncated { path: path.into(), actual, expected });
+    }
+    Ok(())
 }
 
 /// A bzImage decompresses in place and needs `init_size` bytes from its load address.
@@ -249,6 +263,7 @@ mod tests {
         img[0x1f1] = 4; // setup_sects
         img[0x202..0x206].copy_from_slice(BZIMAGE_MAGIC);
         img[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes()); // version 2.15
+        img[0x1f4..0x1f8].copy_from_slice(&((payload as u32).div_ceil(16)).to_le_bytes()); // syssize
         img[0x211] = 1; // loadflags: LOADED_HIGH
         img[0x214..0x218].copy_from_slice(&0x100000u32.to_le_bytes()); // code32_start
         img[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
@@ -286,10 +301,12 @@ mod tests {
     }
 
     #[test]
-    fn truncated_bzimage_is_a_load_error() {
-        let img = fake_bzimage(0, 0x10000);
-        let p = temp_file("bztrunc", &img[..0x300]);
-        assert!(matches!(load_kernel(&mem(32), &p), Err(Error::Load { .. })));
+    fn truncated_bzimage_is_refused() {
+        let img = fake_bzimage(8192, 0x10000);
+        let p = temp_file("bztrunc", &img[..img.len() - 100]);
+        assert!(matches!(load_kernel(&mem(32), &p), Err(Error::Truncated { .. })));
+        let p = temp_file("bztrunc2", &img[..0x300]);
+        assert!(load_kernel(&mem(32), &p).is_err());
     }
 
     #[test]

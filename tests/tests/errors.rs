@@ -1,0 +1,138 @@
+//! Bad input ends with one clear line on stderr and a nonzero status, before any guest runs.
+//! These run nvmm on this machine's own /dev/kvm: every check here fails before the first KVM_RUN.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nvmm_tests::{guest_dir, nvmm_bin, scratch_dir};
+
+/// Runs nvmm with `args` (through `wrapper`, if any) and returns (status, stderr).
+fn nvmm_via(wrapper: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let bin = nvmm_bin();
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let out = cmd.args(args).output().expect("run nvmm");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Asserts exit status 1 and exactly one stderr line, an error containing `expected`.
+fn assert_error(wrapper: &[&str], args: &[&str], expected: &str) {
+    let (code, stderr) = nvmm_via(wrapper, args);
+    assert_eq!(code, Some(1), "args {args:?}: stderr {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected, got: {stderr}");
+    assert!(stderr.starts_with("nvmm: error: "), "{stderr}");
+    assert!(stderr.contains(expected), "expected '{expected}' in: {stderr}");
+}
+
+fn kernel() -> String {
+    guest_dir().join("bzImage").display().to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn truncated_copy(src: &Path, name: &str, keep: usize) -> PathBuf {
+    let bytes = std::fs::read(src).unwrap();
+    let path = scratch_dir("errors").join(name);
+    std::fs::write(&path, &bytes[..keep.min(bytes.len())]).unwrap();
+    path
+}
+
+#[test]
+fn missing_kernel() {
+    assert_error(&[], &["--kernel", "/nonexistent/bzImage"], "cannot open kernel /nonexistent/bzImage: No such file");
+}
+
+#[test]
+fn kernel_is_a_directory_or_unreadable() {
+    assert_error(&[], &["--kernel", "/etc"], "/etc");
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    assert_error(&[], &["--kernel", "/etc/passwd"], "/etc/passwd is not a Linux kernel");
+}
+
+#[test]
+fn truncated_bzimage() {
+    let len = std::fs::metadata(kernel()).unwrap().len() as usize;
+    let p = truncated_copy(Path::new(&kernel()), "bzImage.half", len / 2);
+    assert_error(&[], &["--kernel", s(&p)], "is truncated");
+}
+
+#[test]
+fn truncated_vmlinux() {
+    let p = truncated_copy(&guest_dir().join("vmlinux"), "vmlinux.head", 1 << 20);
+    assert_error(&[], &["--kernel", s(&p)], "cannot load kernel");
+}
+
+#[test]
+fn missing_initrd() {
+    assert_error(&[], &["--kernel", &kernel(), "--initrd", "/nonexistent.cpio"], "cannot open initrd /nonexistent.cpio");
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    let p = scratch_dir("errors").join("big.initrd");
+    std::fs::File::create(&p).unwrap().set_len(48 << 20).unwrap();
+    assert_error(&[], &["--kernel", &kernel(), "--initrd", s(&p), "--mem", "32M"], "does not fit in guest memory");
+}
+
+#[test]
+fn memory_too_small_for_the_kernel() {
+    let vmlinux = guest_dir().join("vmlinux");
+    assert_error(&[], &["--kernel", s(&vmlinux), "--mem", "16M"], "more than --mem gives (16 MiB)");
+}
+
+#[test]
+fn memory_below_the_minimum() {
+    assert_error(&[], &["--kernel", &kernel(), "--mem", "4M"], "--mem 4 MiB is too small");
+}
+
+#[test]
+fn memory_more_than_the_host_has() {
+    assert_error(&[], &["--kernel", &kernel(), "--mem", "64T"], "more than this host's");
+}
+
+#[test]
+fn command_line_too_long() {
+    let long = "x".repeat(5000);
+    assert_error(&[], &["--kernel", &kernel(), "--cmdline", &long], "kernel command line is 5000 bytes; this kernel accepts at most");
+}
+
+#[test]
+fn no_kvm_device() {
+    // A private mount namespace with an empty /dev: the host's /dev/kvm is untouched.
+    let (code, stderr) = nvmm_via(
+        &["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" \"$@\""],
+        &["--kernel", &kernel()],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim(), "nvmm: error: /dev/kvm not found: load kvm_intel or kvm_amd (and enable virtualization in the firmware)");
+}
+
+#[test]
+fn no_permission_on_kvm_device() {
+    assert_error(
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+        &["--kernel", &kernel()],
+        "no permission to open /dev/kvm: run as root or add this user to the 'kvm' group",
+    );
+}
+
+#[test]
+fn missing_kernel_flag_and_bad_values() {
+    assert_error(&[], &[], "--kernel is required");
+    for args in [&["--kernel", "k", "--cpus", "0"][..], &["--kernel", "k", "--mem", "lots"], &["--kernel", "k", "--disk", "ro=on"]] {
+        let (code, stderr) = nvmm_via(&[], args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+    }
+}

@@ -1,0 +1,15 @@
+#!/bin/bash
+# The whole test suite, from a fresh Debian machine: installs packages, builds the guest kernel and
+# initramfs (cached in build/), builds the static nvmm, then runs every test: unit tests, tests on
+# this machine's /dev/kvm, and the lab tests that boot real guests under QEMU's TCG with nested SVM.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+start=$SECONDS
+tools/build-guest.sh
+NVMM_BIN="$(tools/build-nvmm.sh)"
+export NVMM_BIN
+echo "test.sh: artifacts ready after $((SECONDS - start)) s" >&2
+# The lab tests each run a 2-CPU QEMU: two at a time fill this 2-core machine.
+cargo test --workspace -- --test-threads="${NVMM_TEST_THREADS:-2}" "$@"
+echo "test.sh: done in $((SECONDS - start)) s" >&2
