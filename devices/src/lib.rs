@@ -1,4 +1,5 @@
-//! Devices emulated by nvmm. They know nothing of KVM or the command line: the VMM places them on a
-//! [`bus::Bus`], wires their event fds to ioeventfd/irqfd and drives them from an event loop.
-
 pub mod bus;
+pub mod boot_timer;
+pub mod i8042;
+pub mod serial;
+pub mod trigger;

@@ -10,9 +10,11 @@ use crate::boot;
 use crate::config::VmConfig;
 use crate::cpuid;
 use crate::devices::{self, ConsoleInput, ExitWatcher};
+use crate::host::Host;
 use crate::kvm;
 use crate::memory;
 use crate::mptable;
+use crate::nested;
 use crate::terminal::RawMode;
 use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
 use crate::vm::Vm;
@@ -34,6 +36,8 @@ pub enum Error {
     Devices(#[from] devices::Error),
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
+    #[error(transparent)]
+    Nested(#[from] nested::NestedError),
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
     #[error("vCPU {0}: {1}")]
@@ -49,6 +53,10 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     let kvm = kvm::open()?;
     let mem = memory::create(config.mem_bytes)?;
     let vm = Vm::create(&kvm, mem)?;
+    let host = Host::real();
+    if config.nested {
+        nested::preflight(&host, Some(&kvm), Some(&vm.fd))?;
+    }
 
     let kernel = boot::load_kernel(&vm.mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -58,18 +66,19 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 
     let mut io = IoBuses::default();
     let legacy = devices::setup_legacy(&vm, &mut io, start)?;
-    let cmdline = config.cmdline.clone();
+    let cmdline = guest_cmdline(config, &host);
 
     boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
     boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), initrd, config.mem_bytes)?;
     mptable::setup(&vm.mem, config.cpus)?;
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
-    let msrs = regs::boot_msrs(&[]);
+    let msrs = regs::boot_msrs(&nested::vcpu_msrs(&kvm, &host.vendor, config.nested)?);
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
         let mut cpuid = supported.clone();
         cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus);
+        nested::shape_cpuid(&mut cpuid, &host.vendor, config.nested)?;
         let vcpu = Vcpu::new(&vm.fd, id)?;
         vcpu.configure(&cpuid, &msrs)?;
         vcpus.push(vcpu);
@@ -95,4 +104,16 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         }
         events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     }
+}
+
+/// The user's command line, plus the guest's layer when ours is known, so `nvmm check` inside the
+/// guest can say which layer it runs at.
+fn guest_cmdline(config: &VmConfig, host: &Host) -> String {
+    let mut cmdline = config.cmdline.clone();
+    if let Some(layer) = host.layer.number() {
+        if !cmdline.split_whitespace().any(|w| w.starts_with(crate::host::LAYER_PARAM)) {
+            cmdline.push_str(&format!(" {}={}", crate::host::LAYER_PARAM, layer + 1));
+        }
+    }
+    cmdline
 }

@@ -3,7 +3,6 @@
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
-const LEAF_VENDOR: u32 = 0;
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
@@ -25,29 +24,6 @@ const ECX_CMP_LEGACY: u32 = 1 << 1;
 /// Leaf 0xb/0x1f ECX[15:8] level types.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
-
-/// Vendor of the CPU KVM presents, read from leaf 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CpuVendor {
-    Intel,
-    Amd,
-    Other,
-}
-
-pub fn vendor(cpuid: &CpuId) -> CpuVendor {
-    let Some(e) = cpuid.as_slice().iter().find(|e| e.function == LEAF_VENDOR) else {
-        return CpuVendor::Other;
-    };
-    let mut sig = [0u8; 12];
-    sig[..4].copy_from_slice(&e.ebx.to_le_bytes());
-    sig[4..8].copy_from_slice(&e.edx.to_le_bytes());
-    sig[8..].copy_from_slice(&e.ecx.to_le_bytes());
-    match &sig {
-        b"GenuineIntel" => CpuVendor::Intel,
-        b"AuthenticAMD" | b"HygonGenuine" => CpuVendor::Amd,
-        _ => CpuVendor::Other,
-    }
-}
 
 /// Bits needed to number `n` cores (the APIC ID shift of the core level).
 fn id_bits(n: u8) -> u32 {
@@ -146,13 +122,6 @@ pub(crate) mod tests {
 
     fn get(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
         *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
-    }
-
-    #[test]
-    fn vendor_from_leaf0() {
-        assert_eq!(vendor(&supported(b"AuthenticAMD")), CpuVendor::Amd);
-        assert_eq!(vendor(&supported(b"GenuineIntel")), CpuVendor::Intel);
-        assert_eq!(vendor(&supported(b"KVMKVMKVM\0\0\0")), CpuVendor::Other);
     }
 
     #[test]

@@ -13,3 +13,6 @@ pub mod mptable;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
+pub mod check;
+pub mod host;
+pub mod nested;

@@ -2,17 +2,21 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nvmm::cli::{Cli, Command};
+use nvmm::cli::{Cli, Command, RunArgs};
 use nvmm::vcpu::VmExit;
 
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
     nvmm::logger::init(cli.log_level);
-    let result = match cli.command {
-        None => run(cli.run, start),
-        Some(Command::Check { json: _ }) => Err("check is not wired yet".to_string()),
-    };
+    match cli.command {
+        None => report(run(cli.run, start)),
+        Some(Command::Check { json }) => check(json),
+    }
+}
+
+/// One line on stderr for any failure, and a nonzero status.
+fn report(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -22,7 +26,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: nvmm::cli::RunArgs, start: Instant) -> Result<(), String> {
+/// Prints the host report; any FAIL line makes the status nonzero.
+fn check(json: bool) -> ExitCode {
+    let report = nvmm::check::run_checks(&nvmm::host::Host::real());
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.render_text());
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run(args: RunArgs, start: Instant) -> Result<(), String> {
     let config = args.into_config().map_err(|e| e.to_string())?;
     match nvmm::builder::build_and_run(&config, start).map_err(|e| e.to_string())? {
         VmExit::Reset => Ok(()),
