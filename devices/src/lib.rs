@@ -3,3 +3,4 @@ pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
 pub mod trigger;
+pub mod virtio;

@@ -136,3 +136,15 @@ fn missing_kernel_flag_and_bad_values() {
         assert!(stderr.starts_with("error: "), "{stderr}");
     }
 }
+
+#[test]
+fn disk_that_cannot_be_opened() {
+    assert_error(&[], &["--kernel", &kernel(), "--disk", "path=/nonexistent/disk.img"], "cannot open disk image /nonexistent/disk.img read-write: No such file");
+    assert_error(&[], &["--kernel", &kernel(), "--disk", "path=/etc"], "cannot open disk image /etc");
+}
+
+#[test]
+fn bad_tap_name_and_mac() {
+    assert_error(&[], &["--kernel", &kernel(), "--net", "tap=averyveryverylongtapname"], "TAP name 'averyveryverylongtapname' is longer than 15 bytes");
+    assert_error(&[], &["--kernel", &kernel(), "--net", "tap=nvmmt0,mac=02:00:00:00:00"], "invalid MAC address '02:00:00:00:00'");
+}

@@ -21,3 +21,20 @@ fn tiny_guest_runs_port_io_and_mmio_and_exits_zero_on_reset() {
     assert_eq!(stdout, format!("{}\0\0\0\00\n", tiny::BANNER));
     assert!(stderr.contains("guest boot time:"), "{stderr}");
 }
+
+#[test]
+fn tiny_guest_reads_the_virtio_mmio_registers_of_a_disk() {
+    let dir = scratch_dir("tiny-disk");
+    let elf = dir.join("tiny.elf");
+    tiny::write_elf(&elf);
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let out = Command::new(nvmm_bin())
+        .args(["--kernel", elf.to_str().unwrap(), "--disk", &format!("path={}", disk.display())])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    // Magic "virt" and device ID 2 (block), read through MMIO exits from the first window.
+    assert_eq!(stdout, format!("{}virt2\n", tiny::BANNER));
+}

@@ -3,13 +3,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpuid;
-use crate::devices::{self, ConsoleInput, ExitWatcher};
+use crate::devices::{self, ConsoleInput, ExitWatcher, Subscriber};
 use crate::host::Host;
 use crate::kvm;
 use crate::memory;
@@ -35,6 +35,8 @@ pub enum Error {
     #[error(transparent)]
     Devices(#[from] devices::Error),
     #[error(transparent)]
+    Virtio(#[from] crate::virtio::Error),
+    #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
     #[error(transparent)]
     Nested(#[from] nested::NestedError),
@@ -45,8 +47,6 @@ pub enum Error {
     #[error("event loop: {0}")]
     EventLoop(String),
 }
-
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
@@ -66,7 +66,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 
     let mut io = IoBuses::default();
     let legacy = devices::setup_legacy(&vm, &mut io, start)?;
-    let cmdline = guest_cmdline(config, &host);
+    let (device_subscribers, cmdline) = crate::virtio::attach(&vm, &mut io, config, &guest_cmdline(config, &host))?;
 
     boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
     boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), initrd, config.mem_bytes)?;
@@ -91,6 +91,9 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset })));
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
+    for s in device_subscribers {
+        events.add_subscriber(s);
+    }
 
     let _raw = RawMode::enter();
     let io = Arc::new(io);
@@ -100,6 +103,12 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
     loop {
         if let Some(why) = signal.reason() {
+            if let Some(u) = memory::host_usage(&vm.mem) {
+                log::info!(
+                    "memory: peak RSS {} KiB, guest RAM touched {} KiB, nvmm's own {} KiB",
+                    u.peak_rss_kib, u.guest_touched_kib, u.overhead_kib()
+                );
+            }
             return Ok(why);
         }
         events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;

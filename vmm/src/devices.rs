@@ -30,6 +30,9 @@ fn eventfd() -> Result<EventFd, Error> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)
 }
 
+/// What the event loop serves: each device behind the same mutex its bus entry uses.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
 /// The legacy devices, and what the event loop needs to serve them.
 pub struct Legacy {
     pub serial: Arc<Mutex<SerialPort>>,

@@ -1,5 +1,6 @@
 //! nvmm: a small VMM for Linux guests on KVM, built to run at any nesting layer.
 
+pub mod bench;
 pub mod boot;
 pub mod builder;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod memory;
 pub mod mptable;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod check;
 pub mod host;

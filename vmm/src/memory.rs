@@ -1,6 +1,6 @@
 //! The guest physical address map, guest RAM, and the E820 map that describes it.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Fixed guest-physical addresses used during boot. All sit in the first MiB, below the kernel.
 pub mod layout {
@@ -90,6 +90,47 @@ pub fn low_mem_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)
 }
 
+/// How much host memory the VMM used: its peak RSS and, of that, the guest RAM pages touched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostUsage {
+    pub peak_rss_kib: u64,
+    pub guest_touched_kib: u64,
+}
+
+impl HostUsage {
+    /// The VMM's own memory: what it held at its peak beyond the guest's RAM.
+    pub fn overhead_kib(&self) -> u64 {
+        self.peak_rss_kib.saturating_sub(self.guest_touched_kib)
+    }
+}
+
+/// Reads this process's peak RSS and the resident size of the guest RAM mappings.
+pub fn host_usage(mem: &GuestMemoryMmap) -> Option<HostUsage> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let starts: Vec<u64> = mem.iter().map(|r| r.as_ptr() as u64).collect();
+    Some(HostUsage { peak_rss_kib: status_kib(&status, "VmHWM:")?, guest_touched_kib: rss_of_mappings(&smaps, &starts) })
+}
+
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sums the `Rss:` of the smaps entries whose mapping starts at one of `starts`.
+fn rss_of_mappings(smaps: &str, starts: &[u64]) -> u64 {
+    let mut in_guest = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, _)) = first.split_once('-').filter(|(a, _)| a.chars().all(|c| c.is_ascii_hexdigit())) {
+            in_guest = u64::from_str_radix(start, 16).is_ok_and(|a| starts.contains(&a));
+        } else if in_guest && line.starts_with("Rss:") {
+            total += line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    total
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum E820Kind {
     Ram = 1,
@@ -150,6 +191,28 @@ mod tests {
             let end = start.0 + len as u64;
             assert!(end <= VIRTIO_MMIO_START || start.0 >= MMIO_GAP_END);
         }
+    }
+
+    #[test]
+    fn guest_rss_comes_from_the_guest_mappings_only() {
+        let smaps = "7f0000000000-7f0010000000 rw-p 00000000 00:00 0\nSize: 262144 kB\nRss: 1200 kB\n\
+                     55d000000000-55d000100000 r-xp 00000000 08:01 1 /usr/bin/nvmm\nRss: 900 kB\n";
+        assert_eq!(rss_of_mappings(smaps, &[0x7f00_0000_0000]), 1200);
+        assert_eq!(rss_of_mappings(smaps, &[0x1234]), 0);
+        assert_eq!(status_kib("Name: nvmm\nVmHWM:\t  5000 kB\n", "VmHWM:"), Some(5000));
+        let u = HostUsage { peak_rss_kib: 5000, guest_touched_kib: 1200 };
+        assert_eq!(u.overhead_kib(), 3800);
+    }
+
+    #[test]
+    fn touching_guest_memory_shows_in_its_rss() {
+        use vm_memory::Bytes;
+        let mem = create(32 << 20).unwrap();
+        let before = host_usage(&mem).unwrap();
+        mem.write_slice(&vec![1u8; 8 << 20], GuestAddress(0)).unwrap();
+        let after = host_usage(&mem).unwrap();
+        assert!(after.guest_touched_kib >= before.guest_touched_kib + 8 * 1024, "{before:?} {after:?}");
+        assert!(after.peak_rss_kib >= after.guest_touched_kib);
     }
 
     #[test]

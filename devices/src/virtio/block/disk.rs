@@ -1,0 +1,281 @@
+//! The disk image: a file whose bytes are the disk's, moved straight to and from guest memory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vmm_sys_util::write_zeroes::{PunchHole, WriteZeroesAt};
+
+use super::{BlockError, ID_BYTES, SECTOR_SIZE};
+
+/// Errors from I/O on the image. Offsets and lengths are in bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot seek to byte {offset} of the disk image: {err}")]
+    Seek { offset: u64, err: io::Error },
+    #[error(
+        "cannot move {len} bytes between disk offset {offset} and guest address {addr:#x}: {err}"
+    )]
+    Transfer {
+        offset: u64,
+        addr: u64,
+        len: u32,
+        err: GuestMemoryError,
+    },
+    #[error("cannot flush the disk image: {0}")]
+    Flush(io::Error),
+    #[error("cannot discard {len} bytes at disk offset {offset}: {err}")]
+    Discard {
+        offset: u64,
+        len: u64,
+        err: io::Error,
+    },
+    #[error("cannot zero {len} bytes at disk offset {offset}: {err}")]
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        err: io::Error,
+    },
+}
+
+/// An open disk image. Callers check ranges against [`Disk::size`] before any I/O.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    size: u64,
+    read_only: bool,
+    serial: [u8; ID_BYTES],
+}
+
+impl Disk {
+    /// Opens `path` (read-only: `O_RDONLY`) with the serial `id`, or one derived from the file.
+    pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .and_then(|file| {
+                // A directory opens read-only, then fails every read.
+                if file.metadata()?.is_dir() {
+                    return Err(io::Error::from_raw_os_error(libc::EISDIR));
+                }
+                Ok(file)
+            })
+            .map_err(|err| BlockError::Open {
+                path: path.to_owned(),
+                read_only,
+                err,
+            })?;
+        let serial = match id {
+            Some(id) => serial_from_id(id)?,
+            None => serial_from_file(&file).map_err(|err| BlockError::Stat {
+                path: path.to_owned(),
+                err,
+            })?,
+        };
+        Self::from_file(file, read_only, serial).map_err(|err| BlockError::Size {
+            path: path.to_owned(),
+            err,
+        })
+    }
+
+    /// Wraps an already open file. A trailing partial sector is not visible to the guest.
+    pub fn from_file(file: File, read_only: bool, serial: [u8; ID_BYTES]) -> io::Result<Self> {
+        // Seeking to the end works for regular files and block devices alike (st_size is 0 for
+        // the latter).
+        let len = (&file).seek(SeekFrom::End(0))?;
+        Ok(Self {
+            file,
+            size: len - len % SECTOR_SIZE,
+            read_only,
+            serial,
+        })
+    }
+
+    /// Size visible to the guest, in bytes (a whole number of sectors).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The GET_ID answer: the serial, NUL-padded to 20 bytes.
+    pub fn serial(&self) -> &[u8; ID_BYTES] {
+        &self.serial
+    }
+
+    fn seek(&self, offset: u64) -> Result<(), DiskError> {
+        (&self.file)
+            .seek(SeekFrom::Start(offset))
+            .map(drop)
+            .map_err(|err| DiskError::Seek { offset, err })
+    }
+
+    /// Reads `len` bytes at `offset` into guest memory at `addr`.
+    pub fn read_to_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), DiskError> {
+        // The device runs on one thread, so seek + read is as good as pread here.
+        self.seek(offset)?;
+        mem.read_exact_volatile_from(addr, &mut &self.file, len as usize)
+            .map_err(|err| DiskError::Transfer {
+                offset,
+                addr: addr.0,
+                len,
+                err,
+            })
+    }
+
+    /// Writes `len` bytes from guest memory at `addr` to `offset`.
+    pub fn write_from_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), DiskError> {
+        self.seek(offset)?;
+        mem.write_all_volatile_to(addr, &mut &self.file, len as usize)
+            .map_err(|err| DiskError::Transfer {
+                offset,
+                addr: addr.0,
+                len,
+                err,
+            })
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_all().map_err(DiskError::Flush)
+    }
+
+    /// Lets the host reclaim the space. A file system that cannot punch holes just keeps it:
+    /// discard is a hint, and the data read back afterwards is unspecified anyway.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match self.file.punch_hole(offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r.map_err(|err| DiskError::Discard { offset, len, err }),
+        }
+    }
+
+    /// Makes the range read as zeroes: a hole if `unmap` and the file system can punch one, else
+    /// `FALLOC_FL_ZERO_RANGE`, else plain writes of zeroes.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        if unmap && self.file.punch_hole(offset, len).is_ok() {
+            return Ok(());
+        }
+        let err = |err| DiskError::WriteZeroes { offset, len, err };
+        let len_usize =
+            usize::try_from(len).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+        self.file
+            .write_all_zeroes_at(offset, len_usize)
+            .map_err(err)
+    }
+}
+
+fn serial_from_id(id: &str) -> Result<[u8; ID_BYTES], BlockError> {
+    let mut serial = [0u8; ID_BYTES];
+    serial
+        .get_mut(..id.len())
+        .ok_or_else(|| BlockError::IdTooLong(id.to_owned()))?
+        .copy_from_slice(id.as_bytes());
+    Ok(serial)
+}
+
+/// A serial stable across runs for the same image: its device and inode numbers.
+fn serial_from_file(file: &File) -> io::Result<[u8; ID_BYTES]> {
+    let meta = file.metadata()?;
+    let id = format!("{:x}-{:x}", meta.dev(), meta.ino());
+    let mut serial = [0u8; ID_BYTES];
+    let n = id.len().min(ID_BYTES);
+    serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+    Ok(serial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn temp_disk(len: u64) -> (TempFile, Disk) {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file().set_len(len).unwrap();
+        let disk = Disk::open(tmp.as_path(), false, Some("disk0")).unwrap();
+        (tmp, disk)
+    }
+
+    #[test]
+    fn size_rounds_down_to_whole_sectors() {
+        let (_tmp, disk) = temp_disk(4 * 512 + 100);
+        assert_eq!(disk.sectors(), 4);
+        assert_eq!(disk.size(), 2048);
+        assert_eq!(&disk.serial()[..6], b"disk0\0");
+    }
+
+    #[test]
+    fn derived_serial_is_stable_and_padded() {
+        let tmp = TempFile::new().unwrap();
+        let a = Disk::open(tmp.as_path(), true, None).unwrap();
+        let b = Disk::open(tmp.as_path(), true, None).unwrap();
+        assert_eq!(a.serial(), b.serial());
+        assert_ne!(a.serial()[0], 0);
+    }
+
+    #[test]
+    fn open_errors_name_the_path_and_the_os_error() {
+        let e = Disk::open(Path::new("/nonexistent/x.img"), false, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot open disk image /nonexistent/x.img read-write: No such file or directory (os error 2)"
+        );
+        let e = Disk::open(Path::new("/"), true, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot open disk image / read-only: Is a directory (os error 21)"
+        );
+        let tmp = TempFile::new().unwrap();
+        let e = Disk::open(tmp.as_path(), false, Some("123456789012345678901")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "block device id '123456789012345678901' is longer than 20 bytes"
+        );
+    }
+
+    #[test]
+    fn read_only_image_is_opened_read_only() {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file().set_len(512).unwrap();
+        let disk = Disk::open(tmp.as_path(), true, None).unwrap();
+        assert!(disk.read_only());
+        assert!(disk.file.write_at(b"x", 0).is_err());
+    }
+
+    #[test]
+    fn write_zeroes_and_discard() {
+        let (tmp, mut disk) = temp_disk(8192);
+        tmp.as_file().write_all_at(&[0xaa; 8192], 0).unwrap();
+        disk.write_zeroes(512, 1024, false).unwrap();
+        disk.write_zeroes(4096, 512, true).unwrap();
+        disk.discard(6144, 512).unwrap();
+        let mut buf = vec![0u8; 8192];
+        tmp.as_file().read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 0xaa));
+        assert!(buf[512..1536].iter().all(|&b| b == 0));
+        assert!(buf[1536..4096].iter().all(|&b| b == 0xaa));
+        assert!(buf[4096..4608].iter().all(|&b| b == 0));
+        assert_eq!(tmp.as_file().metadata().unwrap().len(), 8192);
+    }
+}

@@ -1,0 +1,340 @@
+//! The virtio-net device: features, config space, offloads, and the RX/TX work it does once the
+//! driver has activated it.
+
+use std::ffi::c_uint;
+use std::mem::{offset_of, size_of};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    virtio_net_config, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::rx::{Delivery, RxBuffers};
+use super::tap::Tap;
+use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
+use crate::virtio::{ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
+
+/// How the VMM describes a NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Host TAP device name; created if it does not exist.
+    pub tap: String,
+    /// MAC address offered to the guest (`VIRTIO_NET_F_MAC`); the guest picks a random one if `None`.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// The offloads the guest may negotiate. Host offloads (CSUM, HOST_TSO*) need nothing from us: the
+/// TAP takes partial-checksum and GSO frames with their vnet header. Guest offloads are passed on
+/// to the TAP with TUNSETOFFLOAD once acked.
+const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_UFO)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6);
+
+/// The `TUN_F_*` flags matching the guest's acked receive offloads: what the TAP may hand us.
+pub fn tap_offload_flags(acked_features: u64) -> c_uint {
+    let has = |bit: u32| acked_features & (1 << bit) != 0;
+    // Every receive offload implies frames without a complete checksum.
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    for (bit, flag) in [
+        (VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4),
+        (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
+        (VIRTIO_NET_F_GUEST_UFO, libc::TUN_F_UFO),
+    ] {
+        if has(bit) {
+            flags |= flag;
+        }
+    }
+    flags
+}
+
+/// State that exists only between DRIVER_OK and reset.
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    mergeable: bool,
+}
+
+/// A virtio-net device with one RX and one TX queue, backed by a TAP.
+pub struct Net {
+    pub(super) tap: Tap,
+    mac: Option<[u8; 6]>,
+    avail_features: u64,
+    config_space: Vec<u8>,
+    pub(super) queue_events: Arc<[EventFd]>,
+    interrupt: Arc<Interrupt>,
+    active: Option<Active>,
+    rx_buffers: RxBuffers,
+    /// A frame read from the TAP, vnet header first, of `rx_pending` bytes when Some.
+    rx_frame: Vec<u8>,
+    /// Set while the guest has no room for the frame in `rx_frame`: the TAP is not read until the
+    /// driver adds RX buffers (and notifies the RX queue).
+    rx_pending: Option<usize>,
+    tx_frame: Vec<u8>,
+}
+
+impl Net {
+    pub fn new(config: NetConfig) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap)?;
+        let mut avail_features = COMMON_FEATURES
+            | OFFLOAD_FEATURES
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_STATUS);
+        let mut config_space = vec![0u8; size_of::<virtio_net_config>()];
+        if let Some(mac) = config.mac {
+            avail_features |= 1 << VIRTIO_NET_F_MAC;
+            let at = offset_of!(virtio_net_config, mac);
+            config_space[at..at + 6].copy_from_slice(&mac);
+        }
+        let at = offset_of!(virtio_net_config, status);
+        config_space[at..at + 2].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            tap,
+            mac: config.mac,
+            avail_features,
+            config_space,
+            queue_events: Arc::new([eventfd()?, eventfd()?]),
+            interrupt: Arc::new(Interrupt::new().map_err(NetError::EventFd)?),
+            active: None,
+            rx_buffers: RxBuffers::default(),
+            rx_frame: vec![0u8; MAX_FRAME_LEN],
+            rx_pending: None,
+            tx_frame: vec![0u8; MAX_FRAME_LEN],
+        })
+    }
+
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.mac
+    }
+
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn signal_used_buffer(&self) {
+        if let Err(e) = self.interrupt.signal_used_buffer() {
+            log::error!("virtio-net: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// Moves frames from the TAP into RX buffers until the TAP is empty (the edge-triggered TAP
+    /// event then comes again with the next frame) or the guest is out of buffers (the RX queue
+    /// notification then brings us back here).
+    pub(super) fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut notify = self.rx_buffers.refill(&active.mem, &mut active.rx);
+        loop {
+            let len = match self.rx_pending.take() {
+                Some(len) => len,
+                None => match self.tap.read(&mut self.rx_frame) {
+                    Ok(0) => break,
+                    Ok(len) if len >= VNET_HDR_LEN => len,
+                    // Cannot come from a TAP with a vnet header; skip it.
+                    Ok(len) => {
+                        log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::error!("virtio-net: cannot read from TAP {}: {e}", self.tap.name());
+                        break;
+                    }
+                },
+            };
+            let frame = &mut self.rx_frame[..len];
+            match self
+                .rx_buffers
+                .deliver(&active.mem, &mut active.rx, frame, active.mergeable)
+            {
+                Delivery::Delivered => notify = true,
+                Delivery::Dropped => {
+                    log::warn!("virtio-net: dropping a {len}-byte frame that no RX buffer can hold")
+                }
+                Delivery::NoRoom => {
+                    self.rx_pending = Some(len);
+                    break;
+                }
+            }
+        }
+        if notify && active.rx.needs_notification(&active.mem).unwrap_or(true) {
+            self.signal_used_buffer();
+        }
+    }
+
+    /// Sends every frame the guest queued to the TAP.
+    pub(super) fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let tap = &self.tap;
+        let notify = tx::process_queue(&active.mem, &mut active.tx, &mut self.tx_frame, |frame| {
+            // Like a NIC without carrier, a TAP whose host side is down drops the frame (EIO).
+            if let Err(e) = tap.write(frame) {
+                log::debug!("virtio-net: TAP {} dropped a frame: {e}", tap.name());
+            }
+        });
+        if notify {
+            self.signal_used_buffer();
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::virtio::read_config_space(&self.config_space, offset, data);
+    }
+
+    fn queue_events(&self) -> &Arc<[EventFd]> {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        self.tap.set_offload(tap_offload_flags(acked_features))?;
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            mergeable: acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+        });
+        // Have the event loop look at both queues, and at frames that reached the TAP before now.
+        for i in [RX_QUEUE, TX_QUEUE] {
+            if let Err(e) = self.queue_events[i].write(1) {
+                log::error!("virtio-net: cannot kick queue {i}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_buffers.clear();
+        self.rx_pending = None;
+        // The next driver may not accept offloaded frames.
+        if let Err(e) = self.tap.set_offload(0) {
+            log::error!("virtio-net: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::in_new_netns;
+    use virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ECN;
+
+    #[test]
+    fn offload_translation() {
+        let f = |bits: &[u32]| bits.iter().fold(0u64, |acc, b| acc | (1 << b));
+        assert_eq!(tap_offload_flags(0), 0);
+        // Segmentation offloads mean nothing without checksum offload.
+        assert_eq!(tap_offload_flags(f(&[VIRTIO_NET_F_GUEST_TSO4])), 0);
+        assert_eq!(
+            tap_offload_flags(f(&[VIRTIO_NET_F_GUEST_CSUM])),
+            libc::TUN_F_CSUM
+        );
+        assert_eq!(
+            tap_offload_flags(f(&[
+                VIRTIO_NET_F_GUEST_CSUM,
+                VIRTIO_NET_F_GUEST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO6,
+                VIRTIO_NET_F_GUEST_UFO,
+                VIRTIO_NET_F_HOST_TSO4,
+                VIRTIO_NET_F_GUEST_ECN,
+            ])),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO
+        );
+    }
+
+    #[test]
+    fn features_and_config_space() {
+        let done = in_new_netns(|| {
+            let mac = [0x52, 0x54, 0, 1, 2, 3];
+            let net = Net::new(NetConfig {
+                tap: "nvmmcfg0".into(),
+                mac: Some(mac),
+            })
+            .unwrap();
+            assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MAC), 0);
+            assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+            let mut config = [0u8; 8];
+            net.read_config(0, &mut config);
+            assert_eq!(config[..6], mac);
+            assert_eq!(
+                u16::from_le_bytes([config[6], config[7]]),
+                VIRTIO_NET_S_LINK_UP as u16
+            );
+
+            let net = Net::new(NetConfig {
+                tap: "nvmmcfg1".into(),
+                mac: None,
+            })
+            .unwrap();
+            assert_eq!(net.avail_features() & (1 << VIRTIO_NET_F_MAC), 0);
+            assert_eq!(net.tap_name(), "nvmmcfg1");
+        });
+        if done.is_none() {
+            eprintln!("skipped: cannot create a network namespace here");
+        }
+    }
+
+    #[test]
+    fn tap_errors_name_the_tap() {
+        let e = Net::new(NetConfig {
+            tap: "0123456789abcdef".into(),
+            mac: None,
+        })
+        .err()
+        .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "TAP name '0123456789abcdef' is longer than 15 bytes"
+        );
+    }
+}

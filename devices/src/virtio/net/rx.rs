@@ -1,0 +1,324 @@
+//! Receive path: a frame from the TAP (vnet header first) is copied into the guest's RX buffers.
+//!
+//! The driver's available RX chains are taken off the queue as soon as they are seen, checked
+//! (device-writable, inside guest memory) and kept in order in [`RxBuffers`]; chains that cannot
+//! hold anything go straight back with length 0. A frame is delivered only once enough buffers are
+//! known to hold it (one buffer without `VIRTIO_NET_F_MRG_RXBUF`, several with it), so a frame
+//! never needs to be taken back half-written.
+
+use std::collections::VecDeque;
+use std::mem::offset_of;
+
+use virtio_bindings::virtio_net::virtio_net_hdr_v1;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+use super::VNET_HDR_LEN;
+
+/// Descriptors one RX chain may have. Linux uses 1 (mergeable buffers) or about 20 (big packets).
+pub const MAX_RX_DESCRIPTORS: usize = 64;
+const NUM_BUFFERS: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
+
+/// Why an RX chain was given back unused.
+#[derive(Debug, thiserror::Error)]
+pub enum RxError {
+    #[error("RX chain is empty, loops, or leaves the descriptor table")]
+    BrokenChain,
+    #[error("RX chain has a device-readable descriptor")]
+    ReadOnlyDescriptor,
+    #[error("RX chain has more than {MAX_RX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("RX buffer at {addr:#x}, {len} bytes, is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("RX chain of {0} bytes cannot hold a vnet header")]
+    TooSmall(usize),
+}
+
+/// What became of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written to the guest and put in the used ring.
+    Delivered,
+    /// Not enough buffers yet: keep the frame and wait for the driver to add some.
+    NoRoom,
+    /// The frame can never fit the buffers this driver gives: dropped.
+    Dropped,
+}
+
+/// One RX chain, checked: its writable segments in order.
+#[derive(Debug)]
+struct RxBuffer {
+    head: u16,
+    segments: Vec<(GuestAddress, u32)>,
+    capacity: usize,
+}
+
+impl RxBuffer {
+    fn parse(
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<Self, RxError> {
+        let head = chain.head_index();
+        let mut segments = Vec::new();
+        let mut capacity = 0usize;
+        let mut last = None;
+        for desc in chain {
+            if !desc.is_write_only() {
+                return Err(RxError::ReadOnlyDescriptor);
+            }
+            if segments.len() == MAX_RX_DESCRIPTORS {
+                return Err(RxError::TooManyDescriptors);
+            }
+            if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
+                return Err(RxError::OutsideMemory {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+            segments.push((desc.addr(), desc.len()));
+            capacity += desc.len() as usize;
+            last = Some(desc);
+        }
+        if last.is_none_or(|d| d.has_next()) {
+            return Err(RxError::BrokenChain);
+        }
+        if capacity < VNET_HDR_LEN {
+            return Err(RxError::TooSmall(capacity));
+        }
+        Ok(Self {
+            head,
+            segments,
+            capacity,
+        })
+    }
+
+    /// Fills the buffer from the start of `bytes`; returns how many bytes it took.
+    fn write(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> usize {
+        let mut done = 0;
+        for &(addr, len) in &self.segments {
+            let n = (len as usize).min(bytes.len() - done);
+            if n == 0 {
+                break;
+            }
+            // Checked against guest memory when the chain was taken; memory does not shrink.
+            if let Err(e) = mem.write_slice(&bytes[done..done + n], addr) {
+                log::error!("virtio-net: cannot write an RX buffer: {e}");
+                break;
+            }
+            done += n;
+        }
+        done
+    }
+}
+
+/// The RX buffers taken from the queue and not yet used, in the driver's order.
+#[derive(Debug, Default)]
+pub struct RxBuffers {
+    buffers: VecDeque<RxBuffer>,
+}
+
+impl RxBuffers {
+    /// Takes every chain the driver made available. Unusable chains are completed at once with
+    /// length 0; returns whether there were any (the driver must then be told).
+    pub fn refill(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
+        let mut returned = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match RxBuffer::parse(mem, chain) {
+                Ok(buffer) => self.buffers.push_back(buffer),
+                Err(e) => {
+                    log::warn!("virtio-net: returning RX chain {head} unused: {e}");
+                    returned |= queue.add_used(mem, head, 0).is_ok();
+                }
+            }
+        }
+        returned
+    }
+
+    /// Buffers held.
+    pub fn len(&self) -> usize {
+        self.buffers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buffers.is_empty()
+    }
+
+    /// Forgets every buffer (device reset).
+    pub fn clear(&mut self) {
+        self.buffers.clear();
+    }
+
+    /// Copies `frame` (vnet header first) into the buffers and completes them. Sets the header's
+    /// `num_buffers` to the number of buffers used.
+    pub fn deliver(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        frame: &mut [u8],
+        mergeable: bool,
+    ) -> Delivery {
+        if frame.len() < VNET_HDR_LEN {
+            return Delivery::Dropped;
+        }
+        let needed = if mergeable {
+            let (mut room, mut count) = (0, 0);
+            for b in &self.buffers {
+                if room >= frame.len() {
+                    break;
+                }
+                room += b.capacity;
+                count += 1;
+            }
+            if room < frame.len() {
+                // If even a full ring cannot hold it, waiting is pointless.
+                return if self.buffers.len() >= usize::from(queue.size()) {
+                    Delivery::Dropped
+                } else {
+                    Delivery::NoRoom
+                };
+            }
+            count
+        } else {
+            match self.buffers.front() {
+                None => return Delivery::NoRoom,
+                Some(b) if b.capacity < frame.len() => return Delivery::Dropped,
+                Some(_) => 1,
+            }
+        };
+        // At most the queue size (<= 32768) buffers.
+        let count = u16::try_from(needed).unwrap_or(u16::MAX);
+        frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
+
+        let mut rest: &[u8] = frame;
+        for _ in 0..needed {
+            let Some(buffer) = self.buffers.pop_front() else {
+                break;
+            };
+            let n = buffer.write(mem, rest);
+            rest = &rest[n..];
+            // n <= frame length <= MAX_FRAME_LEN.
+            let len = u32::try_from(n).unwrap_or(u32::MAX);
+            if let Err(e) = queue.add_used(mem, buffer.head, len) {
+                log::warn!("virtio-net: cannot complete RX chain {}: {e}", buffer.head);
+            }
+        }
+        Delivery::Delivered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{add_chain, guest_memory, r, used_entry, w, MEM_SIZE};
+    use virtio_queue::mock::MockSplitQueue;
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        f[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&[0xee, 0xee]);
+        f
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        b
+    }
+
+    #[test]
+    fn mergeable_frame_spans_buffers_and_sets_num_buffers() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        for i in 0..4 {
+            add_chain(&vq, i, &[w(0x10_0000 + u64::from(i) * 0x1000, 100)]);
+        }
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        assert!(!rx.refill(&mem, &mut q));
+        assert_eq!(rx.len(), 4);
+
+        let mut f = frame(250);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, true), Delivery::Delivered);
+        assert_eq!(rx.len(), 1);
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(used_entry(&vq, 0), (0, 100));
+        assert_eq!(used_entry(&vq, 1), (1, 100));
+        assert_eq!(used_entry(&vq, 2), (2, 50));
+        let mut got = read(&mem, 0x10_0000, 100);
+        got.extend(read(&mem, 0x10_1000, 100));
+        got.extend(read(&mem, 0x10_2000, 50));
+        assert_eq!(&got[NUM_BUFFERS..NUM_BUFFERS + 2], &[3, 0]);
+        assert_eq!(got[..NUM_BUFFERS], f[..NUM_BUFFERS]);
+        assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+
+        // 150 bytes do not fit in the one 100-byte buffer left: kept for later.
+        let mut f = frame(150);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, true), Delivery::NoRoom);
+        assert_eq!(vq.used().idx().load(), 3);
+        add_chain(&vq, 4, &[w(0x10_4000, 100)]);
+        rx.refill(&mem, &mut q);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, true), Delivery::Delivered);
+        assert_eq!(used_entry(&vq, 3), (3, 100));
+        assert_eq!(used_entry(&vq, 4), (4, 50));
+    }
+
+    #[test]
+    fn non_mergeable_frame_uses_one_chain_of_several_descriptors() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        add_chain(
+            &vq,
+            0,
+            &[w(0x10_0000, 12), w(0x20_0000, 1000), w(0x30_0000, 1000)],
+        );
+        add_chain(&vq, 3, &[w(0x40_0000, 64)]);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        rx.refill(&mem, &mut q);
+
+        let mut f = frame(1500);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, false), Delivery::Delivered);
+        assert_eq!(used_entry(&vq, 0), (0, 1500));
+        assert_eq!(read(&mem, 0x10_0000, 12)[NUM_BUFFERS..], [1, 0]);
+        assert_eq!(read(&mem, 0x30_0000, 488), f[1012..]);
+
+        // Too big for the next buffer, which stays for the next frame.
+        let mut f = frame(100);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, false), Delivery::Dropped);
+        let mut f = frame(64);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, false), Delivery::Delivered);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, false), Delivery::NoRoom);
+    }
+
+    #[test]
+    fn unusable_chains_are_returned_empty() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        add_chain(&vq, 0, &[w(0x10_0000, 100), r(0x20_0000, 100)]);
+        add_chain(&vq, 2, &[w(MEM_SIZE as u64 - 10, 100)]);
+        add_chain(&vq, 3, &[w(0x10_0000, 4)]);
+        add_chain(&vq, 4, &[w(0x10_0000, 100)]);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        assert!(rx.refill(&mem, &mut q));
+        assert_eq!(rx.len(), 1);
+        assert_eq!(vq.used().idx().load(), 3);
+        for (i, head) in [0, 2, 3].into_iter().enumerate() {
+            assert_eq!(used_entry(&vq, i as u16), (head, 0));
+        }
+    }
+
+    #[test]
+    fn frame_that_can_never_fit_is_dropped() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 2);
+        add_chain(&vq, 0, &[w(0x10_0000, 100)]);
+        add_chain(&vq, 1, &[w(0x20_0000, 100)]);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        rx.refill(&mem, &mut q);
+        let mut f = frame(300);
+        assert_eq!(rx.deliver(&mem, &mut q, &mut f, true), Delivery::Dropped);
+        assert_eq!(rx.len(), 2);
+    }
+}
