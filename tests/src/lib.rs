@@ -1,0 +1,274 @@
+//! Harness for nvmm's integration tests.
+//!
+//! Tests that need a real KVM run shell scripts inside "the lab": a QEMU TCG guest whose
+//! kernel has a genuine `kvm_amd` with nested SVM (see `tools/lab.sh`). The guest artifacts
+//! come from `tools/build-guest.sh`, the nvmm binary from `tools/test.sh`.
+//!
+//! ```no_run
+//! use nvmm_tests::{nvmm_bin, Lab};
+//! let run = Lab::new()
+//!     .file(nvmm_bin(), "/lab/nvmm")
+//!     .run("/lab/nvmm --help && echo HELP-OK");
+//! run.assert_marker("HELP-OK");
+//! run.assert_status(0);
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub mod guest;
+pub mod tiny;
+
+/// The workspace root (the parent of this crate's directory).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate has a parent directory")
+        .to_path_buf()
+}
+
+/// A directory for a test's scratch files, `build/scratch/<name>` (git-ignored), created if
+/// needed. Left in place after the run, to be looked at when a test fails.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = repo_root().join("build/scratch").join(name);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// `build/guest`: the guest kernel and base initramfs. Panics if they have not been built.
+pub fn guest_dir() -> PathBuf {
+    let dir = repo_root().join("build/guest");
+    for f in ["bzImage", "vmlinux", "initramfs.cpio"] {
+        if !dir.join(f).is_file() {
+            panic!(
+                "{} is missing: build the guest artifacts with tools/build-guest.sh \
+                 (or run the whole suite with tools/test.sh)",
+                dir.join(f).display()
+            );
+        }
+    }
+    dir
+}
+
+/// The statically linked nvmm binary that runs inside the lab: `$NVMM_BIN` if set, else
+/// `target/x86_64-unknown-linux-gnu/release/nvmm`. Panics if it does not exist.
+pub fn nvmm_bin() -> PathBuf {
+    let path = match std::env::var_os("NVMM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("target/x86_64-unknown-linux-gnu/release/nvmm"),
+    };
+    if !path.is_file() {
+        panic!(
+            "nvmm binary {} not found: run tools/test.sh, which builds it statically \
+             (or point NVMM_BIN at one)",
+            path.display()
+        );
+    }
+    path
+}
+
+/// A run to be made in the lab. Build it with the methods below, then call [`Lab::run`].
+#[derive(Debug, Clone)]
+pub struct Lab {
+    files: Vec<(PathBuf, String)>,
+    bins: Vec<PathBuf>,
+    drives: Vec<PathBuf>,
+    cpus: u32,
+    mem_mib: u32,
+    timeout_secs: u64,
+    append: Vec<String>,
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lab {
+    /// 2 CPUs, 2048 MiB, 600 s timeout.
+    pub fn new() -> Self {
+        Lab {
+            files: Vec::new(),
+            bins: Vec::new(),
+            drives: Vec::new(),
+            cpus: 2,
+            mem_mib: 2048,
+            timeout_secs: 600,
+            append: Vec::new(),
+        }
+    }
+
+    /// Put host file (or directory) `src` at absolute path `dst` in the guest.
+    pub fn file(mut self, src: impl AsRef<Path>, dst: &str) -> Self {
+        self.files.push((src.as_ref().to_path_buf(), dst.to_string()));
+        self
+    }
+
+    /// Put a host program (path, or name looked up in PATH) and its shared libraries in the
+    /// guest, at the program's own path.
+    pub fn bin(mut self, path: impl AsRef<Path>) -> Self {
+        self.bins.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Attach a raw disk image as the next virtio-blk device (/dev/vda, /dev/vdb, ...).
+    pub fn drive(mut self, path: impl AsRef<Path>) -> Self {
+        self.drives.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    pub fn mem_mib(mut self, m: u32) -> Self {
+        self.mem_mib = m;
+        self
+    }
+
+    /// Wall-clock limit for the whole run, boot included.
+    pub fn timeout(mut self, secs: u64) -> Self {
+        self.timeout_secs = secs;
+        self
+    }
+
+    /// Extra argument for the lab guest's kernel command line.
+    pub fn append(mut self, arg: &str) -> Self {
+        self.append.push(arg.to_string());
+        self
+    }
+
+    /// Boot the lab, run `script` with busybox sh, and collect the console. The console is
+    /// echoed with `eprint!` as it arrives: libtest shows it when the test fails (or live
+    /// with `--nocapture`).
+    pub fn run(&self, script: &str) -> LabRun {
+        guest_dir();
+        let script_file = TempFile::new("lab-script.sh");
+        std::fs::write(&script_file.0, script).expect("write the lab script");
+
+        let mut args: Vec<String> = Vec::new();
+        for (src, dst) in &self.files {
+            args.push("--file".into());
+            args.push(format!("{}:{}", src.display(), dst));
+        }
+        for b in &self.bins {
+            args.push("--bin".into());
+            args.push(b.display().to_string());
+        }
+        for d in &self.drives {
+            args.push("--drive".into());
+            args.push(d.display().to_string());
+        }
+        args.extend([
+            "--cpus".into(),
+            self.cpus.to_string(),
+            "--mem".into(),
+            self.mem_mib.to_string(),
+            "--timeout".into(),
+            self.timeout_secs.to_string(),
+            "--append".into(),
+            self.append.join(" "),
+        ]);
+        args.push(script_file.0.display().to_string());
+
+        // One stream for the console and lab.sh's own messages, in order.
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg("exec \"$0\" \"$@\" 2>&1")
+            .arg(repo_root().join("tools/lab.sh"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start tools/lab.sh");
+        let mut output = String::new();
+        let mut reader = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line).replace('\r', "");
+                    eprint!("{text}");
+                    output.push_str(&text);
+                }
+                Err(e) => panic!("reading the lab console: {e}"),
+            }
+        }
+        let exit = child.wait().expect("wait for tools/lab.sh");
+        let status = if output.contains("lab: no exit status") {
+            None
+        } else {
+            exit.code()
+        };
+        LabRun { status, output }
+    }
+}
+
+/// The outcome of [`Lab::run`].
+#[derive(Debug, Clone)]
+pub struct LabRun {
+    /// The script's exit status, from the guest's `NVMM-EXIT` line; `None` if the lab never
+    /// got there (timeout, kernel panic, QEMU failure: the reason is in `output`).
+    pub status: Option<i32>,
+    /// The lab guest's console (with nested guests' output, if any) and lab.sh's messages.
+    pub output: String,
+}
+
+impl LabRun {
+    /// Whether the console contains `s`.
+    pub fn has(&self, s: &str) -> bool {
+        self.output.contains(s)
+    }
+
+    /// Panic unless the console contains `s`.
+    pub fn assert_marker(&self, s: &str) {
+        if !self.has(s) {
+            panic!(
+                "marker {s:?} not in the lab console (status {:?}); console tail:\n{}",
+                self.status,
+                self.tail(40)
+            );
+        }
+    }
+
+    /// Panic unless the script exited with `status`.
+    pub fn assert_status(&self, status: i32) {
+        if self.status != Some(status) {
+            panic!(
+                "lab script status {:?}, expected {status}; console tail:\n{}",
+                self.status,
+                self.tail(40)
+            );
+        }
+    }
+
+    /// The last `n` lines of the console.
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.output.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// A path in the temp dir, unique to this process and call, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        TempFile(std::env::temp_dir().join(format!("nvmm-{}-{n}-{name}", std::process::id())))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
