@@ -38,3 +38,32 @@ fn tiny_guest_reads_the_virtio_mmio_registers_of_a_disk() {
     // Magic "virt" and device ID 2 (block), read through MMIO exits from the first window.
     assert_eq!(stdout, format!("{}virt2\n", tiny::BANNER));
 }
+
+/// The PVH entry of the project's vmlinux, on this machine's /dev/kvm: Linux cannot finish booting on
+/// PVM (ENVIRONMENT.md), but its early console shows that it entered through PVH and read the
+/// command line and memory map nvmm put in `hvm_start_info`.
+#[test]
+fn vmlinux_enters_through_pvh_and_reads_start_info() {
+    use std::io::{BufRead, BufReader};
+    let vmlinux = nvmm_tests::guest_dir().join("vmlinux");
+    let mut child = Command::new(nvmm_bin())
+        .args(["--kernel", vmlinux.to_str().unwrap(), "--entry", "pvh", "--mem", "256M"])
+        .args(["--cmdline", "earlyprintk=ttyS0 console=ttyS0 noxsave nvmm-pvh-test"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        seen.push(line.clone());
+        if line.contains("found SMP MP-table") || seen.len() > 200 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = seen.join("\n");
+    assert!(text.contains("Command line: earlyprintk=ttyS0 console=ttyS0 noxsave nvmm-pvh-test"), "{text}");
+    assert!(text.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"), "{text}");
+    assert!(text.contains("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"), "{text}");
+}

@@ -58,7 +58,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         nested::preflight(&host, Some(&kvm), Some(&vm.fd))?;
     }
 
-    let kernel = boot::load_kernel(&vm.mem, &config.kernel)?;
+    let kernel = boot::load_kernel(&vm.mem, &config.kernel, config.entry)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&vm.mem, &kernel, path)?),
         None => None,

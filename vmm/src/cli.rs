@@ -26,6 +26,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure this host's KVM with a built-in guest (no kernel needed).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Round-trip cost of each kind of VM exit: cpuid, port I/O and MMIO (userspace and
+    /// ioeventfd), MSRs, hlt, hypercall.
+    Exits(crate::bench::ExitsArgs),
 }
 
 #[derive(Args, Debug, Default)]
@@ -45,6 +57,9 @@ pub struct RunArgs {
     /// Number of vCPUs, 1 to 64, one thread each.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS as i64))]
     pub cpus: u8,
+    /// Entry protocol for an ELF vmlinux: auto (PVH if the kernel has the note), pvh, or 64bit.
+    #[arg(long, value_name = "PROTOCOL", default_value = "auto")]
+    pub entry: config::EntryChoice,
     /// Expose hardware virtualization (VMX on Intel, SVM on AMD) so the guest can run its own KVM.
     #[arg(long)]
     pub nested: bool,
@@ -77,6 +92,7 @@ impl RunArgs {
             nested: self.nested,
             disks: self.disk,
             nets: self.net,
+            entry: self.entry,
         })
     }
 }

@@ -15,6 +15,21 @@ pub struct VmConfig {
     pub nested: bool,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// How to enter an ELF vmlinux.
+    pub entry: EntryChoice,
+}
+
+/// Entry protocol for an ELF vmlinux (a bzImage always uses the 64-bit boot protocol).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EntryChoice {
+    /// PVH when the kernel has the PVH ELF note, the 64-bit entry otherwise.
+    #[default]
+    Auto,
+    /// PVH; an error if the kernel has no PVH note.
+    Pvh,
+    /// The 64-bit Linux boot protocol at the ELF entry point, even if a PVH note is present.
+    #[value(name = "64bit")]
+    Linux64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

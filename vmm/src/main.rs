@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nvmm::cli::{Cli, Command, RunArgs};
+use nvmm::cli::{BenchCommand, Cli, Command, RunArgs};
 use nvmm::vcpu::VmExit;
 
 fn main() -> ExitCode {
@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => report(run(cli.run, start)),
         Some(Command::Check { json }) => check(json),
+        Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
     }
 }
 

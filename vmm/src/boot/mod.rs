@@ -12,6 +12,7 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::config::EntryChoice;
 use crate::memory::{self, layout};
 
 /// x86's COMMAND_LINE_SIZE, the limit for kernels that do not state their own (ELF vmlinux).
@@ -36,6 +37,8 @@ pub enum Error {
     NotAKernel(PathBuf),
     #[error("cannot load kernel {path}: {reason} (a truncated or corrupt image?)")]
     Load { path: PathBuf, reason: linux_loader::loader::Error },
+    #[error("--entry pvh: kernel {0} has no PVH entry note (build it with CONFIG_PVH=y, or use --entry 64bit)")]
+    NoPvhNote(PathBuf),
     #[error("kernel {path} is truncated: {actual} bytes, its header says {expected}")]
     Truncated { path: PathBuf, actual: u64, expected: u64 },
     #[error("kernel {path} needs {need_mib} MiB of guest memory to boot, more than --mem gives ({have_mib} MiB)")]
@@ -113,7 +116,7 @@ fn read_prefix(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Loads the kernel at `path` into `mem` and decides the entry protocol.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, Error> {
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, choice: EntryChoice) -> Result<LoadedKernel, Error> {
     let mut file = open("kernel", path)?;
     let format = detect_format(&mut file, path)?;
     let load_err = |reason| Error::Load { path: path.into(), reason };
@@ -141,8 +144,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
             // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
             (Entry::Linux64 { rip: result.kernel_load.0 + 0x200 }, cmdline_size(&hdr))
         }
-        _ => match result.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(addr) => (Entry::Pvh { rip: addr.0 }, DEFAULT_CMDLINE_SIZE - 1),
+        _ => match (result.pvh_boot_cap, choice) {
+            (PvhBootCapability::PvhEntryPresent(addr), EntryChoice::Auto | EntryChoice::Pvh) => {
+                (Entry::Pvh { rip: addr.0 }, DEFAULT_CMDLINE_SIZE - 1)
+            }
+            (_, EntryChoice::Pvh) => return Err(Error::NoPvhNote(path.into())),
             _ => (Entry::Linux64 { rip: result.kernel_load.0 }, DEFAULT_CMDLINE_SIZE - 1),
         },
     };
@@ -275,17 +281,17 @@ mod tests {
     #[test]
     fn rejects_files_that_are_not_kernels() {
         let p = temp_file("notkernel", b"#!/bin/sh\necho hello\n");
-        assert!(matches!(load_kernel(&mem(32), &p), Err(Error::NotAKernel(_))));
+        assert!(matches!(load_kernel(&mem(32), &p, EntryChoice::Auto), Err(Error::NotAKernel(_))));
         let p = temp_file("empty", b"");
-        assert!(matches!(load_kernel(&mem(32), &p), Err(Error::NotAKernel(_))));
-        let e = load_kernel(&mem(32), Path::new("/nonexistent/bzImage")).err().unwrap();
+        assert!(matches!(load_kernel(&mem(32), &p, EntryChoice::Auto), Err(Error::NotAKernel(_))));
+        let e = load_kernel(&mem(32), Path::new("/nonexistent/bzImage"), EntryChoice::Auto).err().unwrap();
         assert!(e.to_string().starts_with("cannot open kernel /nonexistent/bzImage"), "{e}");
     }
 
     #[test]
     fn bzimage_loads_with_64bit_entry_and_its_cmdline_limit() {
         let p = temp_file("bz", &fake_bzimage(4096, 0x10000));
-        let k = load_kernel(&mem(32), &p).unwrap();
+        let k = load_kernel(&mem(32), &p, EntryChoice::Auto).unwrap();
         assert_eq!(k.entry, Entry::Linux64 { rip: 0x100200 });
         assert_eq!(k.cmdline_max, 2048);
         let long = "x".repeat(2049);
@@ -296,7 +302,7 @@ mod tests {
     #[test]
     fn bzimage_that_cannot_decompress_in_memory_is_refused() {
         let p = temp_file("bzbig", &fake_bzimage(4096, 64 << 20));
-        let e = load_kernel(&mem(32), &p).err().unwrap();
+        let e = load_kernel(&mem(32), &p, EntryChoice::Auto).err().unwrap();
         assert!(matches!(e, Error::KernelTooBig { need_mib: 65, have_mib: 32, .. }), "{e}");
     }
 
@@ -304,15 +310,15 @@ mod tests {
     fn truncated_bzimage_is_refused() {
         let img = fake_bzimage(8192, 0x10000);
         let p = temp_file("bztrunc", &img[..img.len() - 100]);
-        assert!(matches!(load_kernel(&mem(32), &p), Err(Error::Truncated { .. })));
+        assert!(matches!(load_kernel(&mem(32), &p, EntryChoice::Auto), Err(Error::Truncated { .. })));
         let p = temp_file("bztrunc2", &img[..0x300]);
-        assert!(load_kernel(&mem(32), &p).is_err());
+        assert!(load_kernel(&mem(32), &p, EntryChoice::Auto).is_err());
     }
 
     #[test]
     fn initrd_goes_high_and_page_aligned() {
         let m = mem(64);
-        let k = load_kernel(&m, &temp_file("bz2", &fake_bzimage(4096, 0x10000))).unwrap();
+        let k = load_kernel(&m, &temp_file("bz2", &fake_bzimage(4096, 0x10000)), EntryChoice::Auto).unwrap();
         let initrd = temp_file("initrd", &[7u8; 10000]);
         let r = load_initrd(&m, &k, &initrd).unwrap();
         assert_eq!(r.size, 10000);

@@ -101,7 +101,12 @@ impl Vcpu {
 pub fn run(mut fd: VcpuFd, io: &IoBuses) -> VmExit {
     loop {
         let action = match fd.run() {
-            Ok(exit) => handle_exit(exit, io),
+            Ok(exit) => {
+                if log::log_enabled!(log::Level::Trace) {
+                    log::trace!("exit: {exit:?}");
+                }
+                handle_exit(exit, io)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
             Err(e) => Action::Stop(VmExit::Error(format!("KVM_RUN failed: {e}"))),
         };

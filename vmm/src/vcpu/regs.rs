@@ -43,10 +43,10 @@ const PTE_PRESENT_RW: u64 = 0x3;
 const PDE_2M_PAGE: u64 = 0x83;
 
 /// GDT access/flags words (bits 8..15 access byte, 20..23 flags), as `gdt_entry` expects.
-const GDT_CODE64: u16 = 0xa09b;
+pub const GDT_CODE64: u16 = 0xa09b;
 const GDT_CODE32: u16 = 0xc09b;
-const GDT_DATA: u16 = 0xc093;
-const GDT_TSS64: u16 = 0x808b;
+pub const GDT_DATA: u16 = 0xc093;
+pub const GDT_TSS64: u16 = 0x808b;
 const GDT_TSS32: u16 = 0x008b;
 const SELECTOR_CODE: u16 = 0x08;
 const SELECTOR_DATA: u16 = 0x10;
@@ -238,6 +238,44 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), Error> {
     vcpu.set_lapic(&lapic).map_err(Error::Lapic)
 }
 
+// ---- For hand-assembled guests that run code in user mode and take interrupts (`nvmm bench`) ----
+
+/// Ring-3 code and data descriptors: the ring-0 ones with DPL (access-byte bits 5..6) set to 3.
+pub const GDT_CODE64_USER: u16 = GDT_CODE64 | (3 << 5);
+pub const GDT_DATA_USER: u16 = GDT_DATA | (3 << 5);
+/// Page-table entry bit 2: user-mode accesses allowed.
+const PTE_USER: u64 = 0x4;
+
+/// Sets the user bit in every entry of the identity map [`write_boot_tables`] wrote for long mode,
+/// so code at CPL 3 can reach all of it (a CPL-3 access needs the bit at every level).
+pub fn allow_user_access(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    let set_user = |addr: u64| -> Result<(), Error> {
+        let e: u64 = mem.read_obj(GuestAddress(addr)).map_err(Error::WriteMemory)?;
+        mem.write_obj(e | PTE_USER, GuestAddress(addr)).map_err(Error::WriteMemory)
+    };
+    set_user(PML4_START)?;
+    for gib in 0..IDENTITY_MAPPED_GIB {
+        set_user(PDPTE_START + gib * 8)?;
+        for i in 0..512u64 {
+            set_user(PDE_START + gib * 0x1000 + i * 8)?;
+        }
+    }
+    Ok(())
+}
+
+/// Spurious-interrupt vector register; bit 8 software-enables the local APIC. It is clear after
+/// reset, and a software-disabled APIC drops fixed interrupts, self-IPIs included.
+const APIC_SPIV: usize = 0xf0;
+const APIC_SPIV_ENABLE: u32 = 1 << 8;
+
+/// Software-enables the local APIC, as a guest kernel does early in its boot.
+pub fn enable_lapic(vcpu: &VcpuFd) -> Result<(), Error> {
+    let mut lapic = vcpu.get_lapic().map_err(Error::Lapic)?;
+    let spiv = lapic_reg(&lapic.regs, APIC_SPIV);
+    set_lapic_reg(&mut lapic.regs, APIC_SPIV, spiv | APIC_SPIV_ENABLE);
+    vcpu.set_lapic(&lapic).map_err(Error::Lapic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +306,19 @@ mod tests {
         assert_eq!(r(GDT_START + 8), gdt_entry(GDT_CODE64, 0, 0xfffff));
         // Page tables must not run into the zero page's neighbours or the cmdline.
         assert!(PDE_START + IDENTITY_MAPPED_GIB * 0x1000 <= CMDLINE_START);
+    }
+
+    #[test]
+    fn user_access_is_granted_at_every_level() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_boot_tables(&mem, Entry::Linux64 { rip: 0x100200 }).unwrap();
+        allow_user_access(&mem).unwrap();
+        let r = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        assert_eq!(r(PML4_START), PDPTE_START | 7);
+        assert_eq!(r(PDPTE_START + 8 * 3), (PDE_START + 3 * 0x1000) | 7);
+        assert_eq!(r(PDE_START + 3 * 0x1000 + 511 * 8), 0xffe0_0000 | PDE_2M_PAGE | PTE_USER);
+        let cs = segment_from_gdt(gdt_entry(GDT_CODE64_USER, 0, 0xfffff), 0x23);
+        assert_eq!((cs.dpl, cs.l, cs.type_), (3, 1, 0xb));
     }
 
     #[test]

@@ -1,0 +1,93 @@
+//! The vCPU's own count of VM exits, from KVM's binary statistics (`KVM_GET_STATS_FD`, Linux 5.14+).
+//!
+//! A guest instruction that should exit may not reach this KVM at all: on a PVM host, `cpuid` at
+//! CPL 3 runs natively and is answered by the hypervisor below. Counting the exits each routine
+//! causes tells a real exit from a measurement of something else.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
+
+/// The statistic counted: every exit KVM handles, whatever its reason.
+const EXITS_STAT: &str = "exits";
+/// `struct kvm_stats_header`: six u32 fields.
+const HEADER_SIZE: usize = 24;
+/// `struct kvm_stats_desc` without its name: flags u32, exponent i16, size u16, offset u32,
+/// bucket_size u32.
+const DESC_FIXED_SIZE: usize = 16;
+
+/// One vCPU's exit counter.
+pub struct ExitCounter {
+    file: File,
+    /// Byte offset of the counter's u64 in the stats file.
+    at: u64,
+}
+
+impl ExitCounter {
+    /// Opens the vCPU's statistics and finds the exit counter; `None` if KVM has neither.
+    pub fn open(vcpu: &VcpuFd) -> Option<ExitCounter> {
+        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd (or -1), which we own.
+        let fd = unsafe { ioctl(vcpu, KVM_GET_STATS_FD()) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let mut header = [0u8; HEADER_SIZE];
+        file.read_exact_at(&mut header, 0).ok()?;
+        let field = |i: usize| u32::from_le_bytes([header[4 * i], header[4 * i + 1], header[4 * i + 2], header[4 * i + 3]]);
+        let (name_size, num_desc, desc_offset, data_offset) = (field(1), field(2), field(4), field(5));
+        let desc_size = DESC_FIXED_SIZE + name_size as usize;
+        let mut descs = vec![0u8; desc_size.checked_mul(num_desc as usize)?];
+        file.read_exact_at(&mut descs, u64::from(desc_offset)).ok()?;
+        let offset = find_counter(&descs, desc_size, EXITS_STAT)?;
+        log::debug!("KVM stats fd {}: '{EXITS_STAT}' at data offset {offset}", file.as_raw_fd());
+        Some(ExitCounter { file, at: u64::from(data_offset) + u64::from(offset) })
+    }
+
+    /// The current count.
+    pub fn read(&self) -> Option<u64> {
+        let mut v = [0u8; 8];
+        self.file.read_exact_at(&mut v, self.at).ok()?;
+        Some(u64::from_le_bytes(v))
+    }
+}
+
+/// The data offset of the one-value statistic `name` among descriptors of `desc_size` bytes.
+fn find_counter(descs: &[u8], desc_size: usize, name: &str) -> Option<u32> {
+    descs.chunks_exact(desc_size).find_map(|d| {
+        let size = u16::from_le_bytes([d[6], d[7]]);
+        let offset = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
+        let raw = &d[DESC_FIXED_SIZE..];
+        let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+        (size == 1 && &raw[..end] == name.as_bytes()).then_some(offset)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(name: &str, size: u16, offset: u32, name_size: usize) -> Vec<u8> {
+        let mut d = vec![0u8; DESC_FIXED_SIZE + name_size];
+        d[6..8].copy_from_slice(&size.to_le_bytes());
+        d[8..12].copy_from_slice(&offset.to_le_bytes());
+        d[DESC_FIXED_SIZE..DESC_FIXED_SIZE + name.len()].copy_from_slice(name.as_bytes());
+        d
+    }
+
+    #[test]
+    fn finds_the_exits_counter_by_exact_name() {
+        let mut descs = desc("halt_exits", 1, 0, 48);
+        descs.extend(desc("exits", 1, 8, 48));
+        descs.extend(desc("exits_hist", 32, 16, 48));
+        assert_eq!(find_counter(&descs, DESC_FIXED_SIZE + 48, "exits"), Some(8));
+        assert_eq!(find_counter(&descs, DESC_FIXED_SIZE + 48, "io_exits"), None);
+    }
+}
