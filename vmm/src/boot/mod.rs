@@ -122,6 +122,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, choice: EntryChoice) -> R
     let load_err = |reason| Error::Load { path: path.into(), reason };
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let mem_size: u64 = mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum();
+    if let Format::Elf = format {
+        // The loader would fail mid-copy with a generic read error; say what the kernel needs.
+        if let Some(end) = elf_load_end(&mut file).filter(|&end| end > memory::low_mem_end(mem_size)) {
+            return Err(Error::KernelTooBig { path: path.into(), need_mib: end.div_ceil(1 << 20), have_mib: mem_size >> 20 });
+        }
+    }
     let result = match format {
         Format::BzImage => BzImage::load(mem, None, &mut file, himem),
         Format::Elf => Elf::load(mem, None, &mut file, himem),
@@ -156,6 +162,28 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, choice: EntryChoice) -> R
         return Err(Error::KernelTooBig { path: path.into(), need_mib: result.kernel_end >> 20, have_mib: mem_size >> 20 });
     }
     Ok(LoadedKernel { path: path.into(), result, entry, cmdline_max })
+}
+
+/// The highest physical address an ELF's loadable segments reach, or None if the headers are unreadable
+/// (the loader then reports the problem itself).
+fn elf_load_end(file: &mut File) -> Option<u64> {
+    use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
+    use std::io::{Read, Seek, SeekFrom};
+    use vm_memory::ByteValued;
+    let mut ehdr = Elf64_Ehdr::default();
+    file.rewind().ok()?;
+    file.read_exact(ehdr.as_mut_slice()).ok()?;
+    let mut end = 0u64;
+    for i in 0..u64::from(ehdr.e_phnum) {
+        let mut phdr = Elf64_Phdr::default();
+        file.seek(SeekFrom::Start(ehdr.e_phoff.checked_add(i * u64::from(ehdr.e_phentsize))?)).ok()?;
+        file.read_exact(phdr.as_mut_slice()).ok()?;
+        if phdr.p_type == PT_LOAD {
+            end = end.max(phdr.p_paddr.checked_add(phdr.p_memsz)?);
+        }
+    }
+    file.rewind().ok()?;
+    Some(end)
 }
 
 fn file_len(path: &Path) -> u64 {
