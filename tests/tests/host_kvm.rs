@@ -67,3 +67,32 @@ fn vmlinux_enters_through_pvh_and_reads_start_info() {
     assert!(text.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"), "{text}");
     assert!(text.contains("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"), "{text}");
 }
+
+/// On this development machine the host KVM is PVM: `nvmm check` must say so, pass (nvmm runs here),
+/// and report nested virtualization as unavailable; `--nested` must refuse with the reason.
+#[test]
+fn check_reports_this_host_honestly() {
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let out = Command::new(nvmm_bin()).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("PASS  kvm device: /dev/kvm opens read-write"), "{text}");
+    let json = Command::new(nvmm_bin()).args(["check", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("check --json is JSON");
+    for key in ["vendor", "kvm_module", "layer", "nested_ready", "checks"] {
+        assert!(report.get(key).is_some(), "missing {key} in {report}");
+    }
+    let nested = Command::new(nvmm_bin()).args(["--nested", "--kernel", "/nonexistent"]).output().unwrap();
+    let err = String::from_utf8_lossy(&nested.stderr);
+    if pvm {
+        assert!(text.contains("WARN  kvm module: kvm_pvm: software KVM"), "{text}");
+        assert!(text.contains("nested virtualization unavailable"), "{text}");
+        assert_eq!(report["kvm_module"], "kvm_pvm");
+        assert_eq!(report["nested_ready"], false);
+        assert_eq!(nested.status.code(), Some(1));
+        assert_eq!(err.trim(), "nvmm: error: the host KVM is kvm_pvm, a software KVM without VMX/SVM that cannot offer nested virtualization: run nvmm --nested on a host with kvm_intel or kvm_amd");
+    } else {
+        // On a hardware host the same command must at least agree with the report.
+        assert_eq!(report["nested_ready"] == true, !err.contains("nested"), "{text}\n{err}");
+    }
+}

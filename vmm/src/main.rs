@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -30,11 +31,9 @@ fn report(result: Result<(), String>) -> ExitCode {
 /// Prints the host report; any FAIL line makes the status nonzero.
 fn check(json: bool) -> ExitCode {
     let report = nvmm::check::run_checks(&nvmm::host::Host::real());
-    if json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.render_text());
-    }
+    let text = if json { format!("{}\n", report.to_json()) } else { report.render_text() };
+    // A reader that stops early (`nvmm check | head`) is not an error of ours.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
     if report.passed() {
         ExitCode::SUCCESS
     } else {
