@@ -46,6 +46,12 @@ done
 # e2fsprogs and iproute2: tests make disk images and put ip/debugfs in the guest.
 ensure_pkgs qemu-system-x86 cpio e2fsprogs iproute2 >/dev/null || fail "cannot install QEMU"
 
+# The guest calibrates its TSC against the PIT; under TCG on a loaded machine that fails, the guest
+# falls back to jiffies, and the KVM it hosts then stalls its own guests at boot. QEMU's TCG TSC
+# ticks at the host's rate, so tell the guest that rate and skip the calibration.
+tsc_khz="$(awk '/^cpu MHz/ {print int($4 * 1000); exit}' /proc/cpuinfo)"
+tsc="${tsc_khz:+tsc_early_khz=$tsc_khz tsc=reliable}"
+
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
@@ -60,7 +66,7 @@ cat "$tmp/extra.cpio" >> "$tmp/initrd"
 qemu=(qemu-system-x86_64 -M microvm,acpi=off -accel tcg,thread=multi -cpu EPYC,+svm,+npt
       -smp "$cpus" -m "$mem" -nographic -no-reboot -nic none
       -kernel "$GUEST_DIR/bzImage" -initrd "$tmp/initrd"
-      -append "console=ttyS0 reboot=t panic=-1 nvmm.run=/lab/run.sh $append")
+      -append "console=ttyS0 reboot=t panic=-1 $tsc nvmm.run=/lab/run.sh $append")
 i=0
 for d in "${drives[@]}"; do
     [ -f "$d" ] || [ -b "$d" ] || fail "no such drive image: $d"
