@@ -42,8 +42,8 @@ pub enum Error {
     Nested(#[from] nested::NestedError),
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
-    #[error("vCPU {0}: {1}")]
-    BootTables(u8, #[source] regs::Error),
+    #[error("boot tables: {0}")]
+    BootTables(#[source] regs::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
 }
@@ -83,7 +83,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         vcpu.configure(&cpuid, &msrs)?;
         vcpus.push(vcpu);
     }
-    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(|e| Error::BootTables(0, e))?;
+    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
 
     let signal = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
