@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit};
 use nvmm_devices::bus::{BusDevice, BusError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use vmm_sys_util::eventfd::EventFd;
@@ -76,6 +76,9 @@ impl Cpl {
 /// RFLAGS: bit 1 is always set; IOPL 3 (bits 12..13) lets CPL 3 use port I/O without a TSS bitmap.
 const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
+/// CPUID leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM_GET_SUPPORTED_CPUID leaves
+/// it to the VMM, which may set it when KVM has KVM_CAP_TSC_DEADLINE_TIMER.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Exceptions that push an error code, which sits between the stack pointer and the faulting RIP.
 const VECTORS_WITH_ERROR_CODE: [u8; 9] = [8, 10, 11, 12, 13, 14, 17, 21, 30];
 
@@ -113,9 +116,16 @@ pub struct Runner {
     msr_value: u64,
     counter: Option<ExitCounter>,
     iterations: u32,
+    /// Whether the guest's LAPIC timer has TSC-deadline mode, which hlt-irq needs.
+    tsc_deadline: bool,
+    /// TSC cycles from the start of an hlt-irq iteration to its timer's deadline.
+    hlt_delay: u64,
     /// Kept open for as long as KVM signals them.
     _ioevents: [EventFd; 2],
 }
+
+/// hlt-irq's timer delay when the runner is not told better: 1 ms at 3 GHz.
+const DEFAULT_HLT_DELAY: u64 = 3_000_000;
 
 /// Guest memory: everything below the results, then one u32 per iteration.
 fn mem_size(iterations: u32) -> u64 {
@@ -141,6 +151,12 @@ impl Runner {
         let vcpu = Vcpu::new(&vm.fd, 0)?;
         let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
         cpuid::shape_for_vcpu(&mut cpuid, 0, 1);
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        if tsc_deadline {
+            for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+            }
+        }
         vcpu.configure(&cpuid, &regs::boot_msrs(&[]))?;
         regs::enable_lapic(&vcpu.fd)?;
         let msr_value = read_msr(&vcpu, guest::MSR_BENCH)?;
@@ -151,14 +167,15 @@ impl Runner {
         regs::allow_user_access(&vm.mem)?;
         guest::write_tables(&vm.mem, &program)?;
         regs::setup_sregs(&vcpu.fd, entry, &boot_gdt)?;
-        let mut long_mode = vcpu.fd.get_sregs().map_err(|e| Error::SetRegs("setup", e))?;
+        let mut long_mode = vcpu.fd.get_sregs().map_err(regs::Error::GetSregs)?;
         long_mode.gdt.base = guest::GDT_START;
         long_mode.gdt.limit = guest::GDT_LIMIT;
         long_mode.idt.base = guest::IDT_START;
         long_mode.idt.limit = guest::IDT_LIMIT;
         long_mode.tr = regs::segment_from_gdt(guest::gdt()[5], guest::SEL_TSS);
         let counter = ExitCounter::open(&vcpu.fd);
-        Ok(Runner { vm, vcpu, io, program, long_mode, msr_value, counter, iterations, _ioevents: ioevents })
+        let hlt_delay = DEFAULT_HLT_DELAY;
+        Ok(Runner { vm, vcpu, io, program, long_mode, msr_value, counter, iterations, tsc_deadline, hlt_delay, _ioevents: ioevents })
     }
 
     /// The guest's TSC frequency as KVM sets it (KVM_GET_TSC_KHZ), if KVM says.
@@ -166,9 +183,14 @@ impl Runner {
         self.vcpu.fd.get_tsc_khz().ok().filter(|k| *k > 0)
     }
 
-    /// Whether KVM counts this vCPU's exits (see `counters.rs`).
-    pub fn counts_exits(&self) -> bool {
-        self.counter.is_some()
+    /// Whether hlt-irq can run: its timer needs TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER).
+    pub fn has_tsc_deadline(&self) -> bool {
+        self.tsc_deadline
+    }
+
+    /// Sets how many TSC cycles after its start an hlt-irq iteration's timer fires.
+    pub fn set_hlt_delay(&mut self, cycles: u64) {
+        self.hlt_delay = cycles;
     }
 
     /// Runs `kind`'s routine at `cpl` for the configured iterations.
@@ -194,7 +216,7 @@ impl Runner {
         };
         let rsp = top - 8;
         self.vm.mem.write_obj(Program::addr(self.program.done), GuestAddress(rsp))?;
-        let inputs = Inputs::for_kind(kind, self.msr_value);
+        let inputs = Inputs::for_kind(kind, self.msr_value, self.hlt_delay);
         let regs = kvm_regs {
             rip: Program::addr(self.program.routine(kind)),
             rsp,

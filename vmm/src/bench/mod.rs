@@ -152,6 +152,9 @@ const PRIVILEGED: &str = "privileged instruction: #GP at CPL 3 (use --cpl 0 or a
 const NO_EMULATED_HYPERCALL: &str = "not measurable at CPL 0 on kvm_pvm: KVM's instruction emulator never completes a \
      hypercall (it re-executes it, expecting a hardware intercept), so the vCPU would spin";
 
+/// Why hlt-irq is skipped without TSC-deadline mode.
+const NO_TSC_DEADLINE: &str = "not measurable: KVM lacks KVM_CAP_TSC_DEADLINE_TIMER, which the LAPIC timer that wakes hlt needs";
+
 /// The CPL of every kind but `Loop`, which runs at each CPL the others use.
 pub fn plan(choice: CplChoice, pvm: bool) -> Vec<Step> {
     Kind::ALL.into_iter().filter(|k| *k != Kind::Loop).map(|kind| Step { kind, cpl: cpl_for(kind, choice, pvm) }).collect()
@@ -197,18 +200,24 @@ fn measure(host: &Host, choice: CplChoice, iterations: u32, hypercall: Hypercall
         None => (calibrate_tsc_khz(), "host TSC calibrated against CLOCK_MONOTONIC (KVM_GET_TSC_KHZ failed)".to_string()),
     };
     let steps = plan(choice, pvm);
+    // The raw (loop cost included) wrmsr median at each CPL: hlt-irq's timer must fire well after
+    // its arming wrmsr and the hlt exit (see `guest::hlt_routine`).
+    let mut wrmsr_cycles: BTreeMap<Cpl, f64> = BTreeMap::new();
     let mut baselines: BTreeMap<Cpl, Summary> = BTreeMap::new();
     for cpl in steps.iter().filter_map(|s| s.cpl.ok()) {
-        if !baselines.contains_key(&cpl) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = baselines.entry(cpl) {
             let mut loop_run = runner.run(Kind::Loop, cpl)?;
-            let summary = Summary::of(&mut loop_run.samples).unwrap_or(Summary { median: 0.0, p99: 0.0, min: 0.0 });
-            baselines.insert(cpl, summary);
+            slot.insert(Summary::of(&mut loop_run.samples).unwrap_or(Summary { median: 0.0, p99: 0.0, min: 0.0 }));
         }
     }
     let mut rows = Vec::new();
     for step in &steps {
         let (what, handled_in) = report::describe(step.kind, hypercall);
         let cpl = match step.cpl {
+            Ok(_) if step.kind == Kind::HltIrq && !runner.has_tsc_deadline() => Err(NO_TSC_DEADLINE),
+            other => other,
+        };
+        let cpl = match cpl {
             Ok(cpl) => cpl,
             Err(why) => {
                 rows.push(Row { name: step.kind.name(), what, handled_in, cpl: None, emulated: false, figures: None, exits_per_iteration: None, note: Some(why.into()) });
@@ -217,10 +226,23 @@ fn measure(host: &Host, choice: CplChoice, iterations: u32, hypercall: Hypercall
         };
         let emulated = pvm && cpl == Cpl::Zero;
         let base = baselines.get(&cpl).map(|b| b.median).unwrap_or(0.0);
+        if step.kind == Kind::HltIrq {
+            runner.set_hlt_delay(hlt_delay(wrmsr_cycles.get(&cpl).copied(), tsc_khz));
+        }
         let mut result = runner.run(step.kind, cpl)?;
         let per_iteration = result.exits.map(|e| e as f64 / f64::from(iterations));
-        let figures = Summary::of(&mut result.samples).map(|s| Figures::new(s.minus(base), tsc_khz));
-        let note = row_note(step.kind, cpl, emulated, per_iteration);
+        // hlt-irq iterations whose interrupt came before the hlt measured no halt: drop them.
+        let before = result.samples.len();
+        if step.kind == Kind::HltIrq {
+            result.samples.retain(|s| *s != guest::EARLY_WAKE);
+        }
+        let early = before - result.samples.len();
+        let summary = Summary::of(&mut result.samples);
+        if let (Kind::Wrmsr, Some(s)) = (step.kind, summary) {
+            wrmsr_cycles.insert(cpl, s.median);
+        }
+        let figures = summary.map(|s| Figures::new(s.minus(base), tsc_khz));
+        let note = row_note(step.kind, cpl, emulated, per_iteration, early);
         rows.push(Row { name: step.kind.name(), what, handled_in, cpl: Some(cpl.number()), emulated, figures, exits_per_iteration: per_iteration, note });
         if let Some(row) = host_view(&mut result, cpl, emulated, base, tsc_khz) {
             rows.push(row);
@@ -246,6 +268,16 @@ fn measure(host: &Host, choice: CplChoice, iterations: u32, hypercall: Hypercall
     })
 }
 
+/// hlt-irq's timer delay: eight times the arming wrmsr's cost (which includes the loop, hence
+/// also the rdtsc), and at least 20 µs; 1 ms when wrmsr was not measured.
+fn hlt_delay(wrmsr_cycles: Option<f64>, tsc_khz: u32) -> u64 {
+    let floor = 20 * u64::from(tsc_khz) / 1000;
+    match wrmsr_cycles {
+        Some(c) => ((8.0 * c) as u64).max(floor),
+        None => 1000 * u64::from(tsc_khz) / 1000,
+    }
+}
+
 /// The userspace port I/O exit as nvmm saw it: from one KVM_RUN return to the next. Between the two
 /// the guest ran one loop iteration besides the exit, so the loop cost is subtracted here too.
 fn host_view(result: &mut PhaseResult, cpl: Cpl, emulated: bool, base: f64, tsc_khz: u32) -> Option<Row> {
@@ -263,8 +295,9 @@ fn host_view(result: &mut PhaseResult, cpl: Cpl, emulated: bool, base: f64, tsc_
     })
 }
 
-/// What a row's reader must know: emulation, exits that did not reach this KVM, odd counts.
-fn row_note(kind: Kind, cpl: Cpl, emulated: bool, exits_per_iteration: Option<f64>) -> Option<String> {
+/// What a row's reader must know: emulation, exits that did not reach this KVM, odd counts, and
+/// (hlt-irq) how many iterations were dropped because their interrupt came before the hlt.
+fn row_note(kind: Kind, cpl: Cpl, emulated: bool, exits_per_iteration: Option<f64>, early: usize) -> Option<String> {
     let mut notes = Vec::new();
     // The emulator completes instructions inside KVM_RUN without a VM exit: no count to check.
     if let Some(e) = exits_per_iteration.filter(|e| *e < 0.5 && !emulated) {
@@ -273,13 +306,16 @@ fn row_note(kind: Kind, cpl: Cpl, emulated: bool, exits_per_iteration: Option<f6
         ));
     }
     if emulated {
-        notes.push("CPL 0 on kvm_pvm: KVM's instruction emulator ran it, without a VM exit; the figure is the emulator's cost".into());
+        notes.push("CPL 0 on kvm_pvm: KVM's instruction emulator ran it; the figure includes the emulator's cost".into());
     }
     if kind == Kind::Hypercall && cpl == Cpl::Three {
         notes.push("at CPL 3 KVM refuses the call (-KVM_EPERM) after the exit".into());
     }
-    if kind == Kind::HltIrq && exits_per_iteration.is_some() && !emulated {
-        notes.push("exits/it also counts the untimed self-IPI and EOI writes to the APIC".into());
+    if kind == Kind::HltIrq {
+        notes.push("from the timer's deadline to the guest running after hlt; exits/it also counts the untimed arming wrmsr and EOI".into());
+        if early > 0 {
+            notes.push(format!("{early} iterations dropped: their timer fired before the hlt (a slow arming wrmsr)"));
+        }
     }
     (!notes.is_empty()).then(|| notes.join("; "))
 }
@@ -294,7 +330,9 @@ fn from_console(path: &PathBuf, vmm: &str, host: &Host, hypercall: Hypercall) ->
     let (mut loop_samples, mut pio) = (get(Kind::Loop)?, get(Kind::PioUser)?);
     let iterations = pio.len() as u32;
     let (tsc_khz, tsc_source) = host_tsc_khz();
-    let emulated = host.kvm_module == KvmModule::Pvm;
+    // Whether the VMM's CPL 0 was emulated depends on its accelerator, which the console does not
+    // say; the report names the VMM and this host's KVM module instead.
+    let emulated = false;
     let base = Summary::of(&mut loop_samples).unwrap_or(Summary { median: 0.0, p99: 0.0, min: 0.0 });
     let (what, handled_in) = report::describe(Kind::PioUser, hypercall);
     let row = Row {
@@ -314,7 +352,7 @@ fn from_console(path: &PathBuf, vmm: &str, host: &Host, hypercall: Hypercall) ->
         cpu: cpu(&host.vendor),
         kvm_module: host.kvm_module,
         mode: "cpl0".into(),
-        mode_detail: format!("the --emit-guest image under {vmm}: its loops run at CPL 0"),
+        mode_detail: format!("the --emit-guest image as run by {vmm} on this host: its loops run at CPL 0"),
         iterations,
         tsc_khz,
         tsc_source,
@@ -346,10 +384,22 @@ fn calibrate_tsc_khz() -> u32 {
     (cycles as f64 / elapsed.as_secs_f64() / 1000.0).round().max(1.0) as u32
 }
 
-/// Vendor and the CPUID brand string (leaves 0x8000_0002..4).
+/// Vendor and the CPUID brand string (leaves 0x8000_0002..4); failing that, /proc/cpuinfo's
+/// `model name`; failing that, "unknown".
 fn cpu(vendor: &Vendor) -> Cpu {
+    let model = Some(brand_string()).filter(|m| !m.is_empty()).or_else(cpuinfo_model).unwrap_or_else(|| "unknown".into());
+    Cpu { vendor: vendor.clone(), model }
+}
+
+fn cpuinfo_model() -> Option<String> {
+    let text = std::fs::read_to_string(crate::host::PROC_CPUINFO).ok()?;
+    let line = text.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == "model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string()).filter(|m| !m.is_empty())
+}
+
+fn brand_string() -> String {
     let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
-    let model = if max_ext >= 0x8000_0004 {
+    if max_ext >= 0x8000_0004 {
         let bytes: Vec<u8> = (0x8000_0002..=0x8000_0004u32)
             .flat_map(|leaf| {
                 let r = core::arch::x86_64::__cpuid(leaf);
@@ -359,8 +409,7 @@ fn cpu(vendor: &Vendor) -> Cpu {
         String::from_utf8_lossy(&bytes).trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string()
     } else {
         String::new()
-    };
-    Cpu { vendor: vendor.clone(), model }
+    }
 }
 
 #[cfg(test)]
@@ -405,11 +454,19 @@ mod tests {
 
     #[test]
     fn notes_flag_what_did_not_exit() {
-        let n = row_note(Kind::Cpuid, Cpl::Three, false, Some(0.0)).unwrap();
+        let n = row_note(Kind::Cpuid, Cpl::Three, false, Some(0.0), 0).unwrap();
         assert!(n.contains("did not exit to this KVM"), "{n}");
-        assert!(row_note(Kind::Cpuid, Cpl::Zero, false, Some(1.0)).is_none());
-        let emulated = row_note(Kind::Rdmsr, Cpl::Zero, true, Some(0.01)).unwrap();
+        assert!(row_note(Kind::Cpuid, Cpl::Zero, false, Some(1.0), 0).is_none());
+        assert!(row_note(Kind::HltIrq, Cpl::Zero, false, Some(3.0), 2).unwrap().contains("2 iterations dropped"));
+        let emulated = row_note(Kind::Rdmsr, Cpl::Zero, true, Some(0.01), 0).unwrap();
         assert!(emulated.contains("emulator") && !emulated.contains("did not exit"), "{emulated}");
+    }
+
+    #[test]
+    fn hlt_delay_is_well_past_the_arming_wrmsr() {
+        assert_eq!(hlt_delay(Some(10_000.0), 3_000_000), 80_000);
+        assert_eq!(hlt_delay(Some(100.0), 3_000_000), 60_000, "20 µs floor");
+        assert_eq!(hlt_delay(None, 3_000_000), 3_000_000);
     }
 
     #[test]

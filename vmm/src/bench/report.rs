@@ -101,7 +101,7 @@ pub fn describe(kind: Kind, hypercall: Hypercall) -> (String, HandledIn) {
         Kind::MmioIoeventfd => (format!("32-bit write to {:#x}, an ioeventfd (virtio notify)", guest::MMIO_IOEVENTFD), Kernel),
         Kind::Rdmsr => (format!("rdmsr {:#x} (IA32_MISC_ENABLE)", guest::MSR_BENCH), Kernel),
         Kind::Wrmsr => (format!("wrmsr {:#x} (IA32_MISC_ENABLE), same value", guest::MSR_BENCH), Kernel),
-        Kind::HltIrq => ("sti; hlt, woken by a pending self-IPI; handler iretq".into(), Kernel),
+        Kind::HltIrq => ("sti; hlt, woken by the LAPIC timer (TSC deadline); handler iretq".into(), Kernel),
         Kind::Hypercall => (format!("{} KVM_HC_VAPIC_POLL_IRQ (a no-op)", hypercall.mnemonic()), Kernel),
     }
 }
