@@ -85,6 +85,11 @@ fn host_mem_mib() -> Option<u64> {
     Some(kib >> 10)
 }
 
+/// Total guest RAM in bytes.
+pub fn size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
+}
+
 /// The end of RAM below the MMIO gap.
 pub fn low_mem_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)

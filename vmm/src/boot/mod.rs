@@ -121,7 +121,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, choice: EntryChoice) -> R
     let format = detect_format(&mut file, path)?;
     let load_err = |reason| Error::Load { path: path.into(), reason };
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    let mem_size: u64 = mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum();
+    let mem_size = memory::size(mem);
     if let Format::Elf = format {
         // The loader would fail mid-copy with a generic read error; say what the kernel needs.
         if let Some(end) = elf_load_end(&mut file).filter(|&end| end > memory::low_mem_end(mem_size)) {
@@ -229,7 +229,7 @@ pub fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, path: &Path) ->
         .metadata()
         .map_err(|source| Error::Open { what: "initrd", path: path.into(), source })?
         .len();
-    let mem_size: u64 = mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum();
+    let mem_size = memory::size(mem);
     let mut limit = memory::low_mem_end(mem_size);
     if let Some(hdr) = kernel.result.setup_header {
         limit = limit.min(u64::from(hdr.initrd_addr_max) + 1);

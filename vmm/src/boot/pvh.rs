@@ -11,6 +11,8 @@ use crate::memory::{layout, E820Entry};
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 /// Version 1 of the start info adds `memmap_paddr`/`memmap_entries`, which Linux reads.
 const START_INFO_VERSION: u32 = 1;
+// The memory map (at most 4 entries of 24 bytes) must fit below the zero page.
+const _: () = assert!(layout::PVH_MEMMAP_START + 4 * 24 <= layout::ZERO_PAGE_START);
 
 // linux-loader's PVH structs are plain C data but do not implement `ByteValued`; these wrappers let
 // the configurator write them.
@@ -77,7 +79,5 @@ mod tests {
         assert_eq!((m.0.paddr, m.0.size), (0x200_0000, 0x5000));
         let e: MemmapEntry = super::super::read_obj(&mem, layout::PVH_MEMMAP_START + 2 * 24);
         assert_eq!((e.0.addr, e.0.type_), (layout::HIMEM_START, 1));
-        // The memory map must fit between the module list and the zero page.
-        assert!(layout::PVH_MEMMAP_START + 4 * 24 <= layout::ZERO_PAGE_START);
     }
 }

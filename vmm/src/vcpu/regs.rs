@@ -35,6 +35,8 @@ const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+// The identity page tables must end below the command line.
+const _: () = assert!(PDE_START + IDENTITY_MAPPED_GIB * 0x1000 <= CMDLINE_START);
 /// RFLAGS bit 1 is reserved and always set.
 const RFLAGS_RESERVED: u64 = 1 << 1;
 
@@ -304,8 +306,6 @@ mod tests {
         // The last 2 MiB page of the 4th GiB maps itself.
         assert_eq!(r(PDE_START + 3 * 0x1000 + 511 * 8), (0xffe0_0000) | PDE_2M_PAGE);
         assert_eq!(r(GDT_START + 8), gdt_entry(GDT_CODE64, 0, 0xfffff));
-        // Page tables must not run into the zero page's neighbours or the cmdline.
-        assert!(PDE_START + IDENTITY_MAPPED_GIB * 0x1000 <= CMDLINE_START);
     }
 
     #[test]
