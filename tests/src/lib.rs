@@ -227,6 +227,15 @@ impl LabRun {
         self.output.contains(s)
     }
 
+    /// The value of the first `NAME=value` line on the console; panics if there is none.
+    pub fn value(&self, name: &str) -> String {
+        let prefix = format!("{name}=");
+        self.output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {name}= line on the console; tail:\n{}", self.tail(40)))
+    }
+
     /// Panic unless the console contains `s`.
     pub fn assert_marker(&self, s: &str) {
         if !self.has(s) {

@@ -31,8 +31,7 @@ fn boot(kernel: &str, cpus: u32, mem: &str, lab_mem_mib: u32) -> LabRun {
 }
 
 fn mem_kib(run: &LabRun) -> u64 {
-    let line = run.output.lines().find_map(|l| l.trim().strip_prefix("L2-MEMKB=")).expect("guest reported its memory");
-    line.trim().parse().expect("MemTotal is a number")
+    run.value("L2-MEMKB").parse().expect("MemTotal is a number")
 }
 
 fn assert_booted(run: &LabRun, cpus: u32, mem_mib: u64) {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use nvmm_tests::guest::{run_cmdline, GuestImage};
-use nvmm_tests::{guest_dir, nvmm_bin, scratch_dir, Lab, LabRun};
+use nvmm_tests::{guest_dir, nvmm_bin, scratch_dir, Lab};
 
 /// Deterministic pseudo-random bytes (xorshift64*), so the known files need no randomness.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -96,20 +96,7 @@ fn e2fsck(image: &Path, flags: &str) -> i32 {
     out.status.code().expect("e2fsck exited normally")
 }
 
-/// The value of the first `NAME=value` line on the console.
-fn marker_value(run: &LabRun, name: &str) -> String {
-    let prefix = format!("{name}=");
-    run.output
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix(prefix.as_str())
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {name}= line on the console; tail:\n{}", run.tail(40)))
-}
-
-/// L1's part: boot L2 from `l2_image` with `disks` and report nvmm's status.
+/// L1's part: boot L2 (/lab/bzImage, /lab/l2.cpio) with `disks` and report nvmm's status.
 fn l1_script(disks: &str) -> String {
     format!(
         "/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M {disks} --cmdline '{}' </dev/null\n\
@@ -201,34 +188,34 @@ fn ext4_files_survive_both_ways_and_the_read_only_disk_stays_unchanged() {
     ] {
         run.assert_marker(&format!("L2-SUM {}  {name}", sha256_bytes(&dir, bytes)));
     }
-    assert_eq!(marker_value(&run, "L2-EMPTY-SIZE"), "0");
+    assert_eq!(run.value("L2-EMPTY-SIZE"), "0");
     run.assert_marker("L2-SYNCED");
     run.assert_marker("L2-UMOUNTED");
-    let new_random = marker_value(&run, "L2-NEW-RANDOM");
+    let new_random = run.value("L2-NEW-RANDOM");
     assert_eq!(
-        marker_value(&run, "L2-REREAD-RANDOM"),
+        run.value("L2-REREAD-RANDOM"),
         new_random,
         "L2 read back other bytes than it wrote"
     );
 
     // Read-only disk, as L2 saw it.
     assert_eq!(
-        marker_value(&run, "L2-VDB-RO"),
+        run.value("L2-VDB-RO"),
         "1",
         "the guest kernel must see /dev/vdb as read-only"
     );
-    assert_eq!(marker_value(&run, "L2-RO-MOUNT"), "ro");
+    assert_eq!(run.value("L2-RO-MOUNT"), "ro");
     assert_eq!(
-        marker_value(&run, "L2-RO-KNOWN"),
+        run.value("L2-RO-KNOWN"),
         sha256_bytes(&dir, &known)
     );
     assert_ne!(
-        marker_value(&run, "L2-RO-TOUCH"),
+        run.value("L2-RO-TOUCH"),
         "0",
         "creating a file on the read-only disk succeeded"
     );
     assert_ne!(
-        marker_value(&run, "L2-RO-REMOUNT-RW"),
+        run.value("L2-RO-REMOUNT-RW"),
         "0",
         "the read-only disk could be remounted read-write"
     );
@@ -236,11 +223,11 @@ fn ext4_files_survive_both_ways_and_the_read_only_disk_stays_unchanged() {
     // sends a write request to such a disk, by any path (a shared writable mapping of the device is
     // refused too). nvmm's own refusal of such requests is unit-tested in devices/.../request.rs.
     assert_ne!(
-        marker_value(&run, "L2-RO-DD"),
+        run.value("L2-RO-DD"),
         "0",
         "a raw write to the read-only disk succeeded"
     );
-    let dd_err = marker_value(&run, "L2-RO-DD-ERR");
+    let dd_err = run.value("L2-RO-DD-ERR");
     assert!(
         dd_err.contains("Operation not permitted") || dd_err.contains("I/O error"),
         "unexpected dd error: {dd_err}"
@@ -324,7 +311,7 @@ fn data_flushed_before_a_sigkill_of_nvmm_is_on_the_image() {
         .drive(&image)
         .run(&L1_KILL.replace("CMDLINE", &run_cmdline("")));
 
-    let flushed = marker_value(&run, "L2: L2-FLUSHED");
+    let flushed = run.value("L2: L2-FLUSHED");
     run.assert_marker("L2: L2-STILL-WRITING 2");
     assert!(
         !run.has("L1-NVMM-ENDED-EARLY") && !run.has("L1-GAVE-UP"),

@@ -75,22 +75,9 @@ t1=$(date +%s)
 echo "L2-G2H-SECONDS=$((t1 - t0))"
 "#;
 
-/// The value of the first `NAME=value` line on the console.
-fn marker_value(run: &LabRun, name: &str) -> String {
-    let prefix = format!("{name}=");
-    run.output
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix(prefix.as_str())
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {name}= line on the console; tail:\n{}", run.tail(40)))
-}
-
 /// The routing table printed as `NAME=route;route;` has one route only, starting with `prefix`.
 fn assert_only_route(run: &LabRun, name: &str, prefix: &str) {
-    let routes = marker_value(run, name);
+    let routes = run.value(name);
     let routes: Vec<&str> = routes
         .split(';')
         .map(str::trim)
@@ -103,7 +90,7 @@ fn assert_only_route(run: &LabRun, name: &str, prefix: &str) {
 }
 
 fn assert_sha(run: &LabRun, sent: &str, received: &str) {
-    let (s, r) = (marker_value(run, sent), marker_value(run, received));
+    let (s, r) = (run.value(sent), run.value(received));
     assert_eq!(s.len(), 64, "{sent} is not a SHA-256: {s:?}");
     assert_ne!(s, EMPTY_SHA, "{sent}: nothing was sent");
     assert_eq!(
@@ -128,25 +115,25 @@ fn tcp_64_mib_each_way_in_a_private_namespace() {
 
     // Addresses: loopback and the host end of the namespace's /24, and no route anywhere else.
     assert_eq!(
-        marker_value(&run, "L1-NS-ADDRS"),
+        run.value("L1-NS-ADDRS"),
         "127.0.0.1/8 10.77.0.1/24"
     );
     assert_only_route(&run, "L1-NS-ROUTES", "10.77.0.0/24 dev nvtap0 ");
-    assert_eq!(marker_value(&run, "L2-MAC"), GUEST_MAC);
+    assert_eq!(run.value("L2-MAC"), GUEST_MAC);
     assert_only_route(&run, "L2-ROUTES", "10.77.0.0/24 dev eth0 ");
 
-    assert_eq!(marker_value(&run, "L2-H2G-NC"), "0");
-    assert_eq!(marker_value(&run, "L2-H2G-BYTES"), BYTES.to_string());
+    assert_eq!(run.value("L2-H2G-NC"), "0");
+    assert_eq!(run.value("L2-H2G-BYTES"), BYTES.to_string());
     assert_sha(&run, "L1-H2G-SHA", "L2-H2G-SHA");
-    assert_eq!(marker_value(&run, "L2-G2H-NC"), "0");
-    assert_eq!(marker_value(&run, "L1-G2H-BYTES"), BYTES.to_string());
+    assert_eq!(run.value("L2-G2H-NC"), "0");
+    assert_eq!(run.value("L1-G2H-BYTES"), BYTES.to_string());
     assert_sha(&run, "L2-G2H-SHA", "L1-G2H-SHA");
     assert!(
         !run.has("L1-SERVER-HUNG"),
         "an nc server in L1 never finished"
     );
     for dir in ["H2G", "G2H"] {
-        let secs: u64 = marker_value(&run, &format!("L2-{dir}-SECONDS"))
+        let secs: u64 = run.value(&format!("L2-{dir}-SECONDS"))
             .parse()
             .expect("seconds");
         eprintln!(
