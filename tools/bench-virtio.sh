@@ -127,12 +127,14 @@ dd if=/dev/zero of=/tmp/disk.img bs=1M count=256 2>/dev/null
 tap_stats() {
     \$IP netns exec \$NS sh -c 'cd /sys/class/net/nvtap0/statistics && echo \$(cat tx_bytes tx_packets rx_bytes rx_packets)'
 }
+# A run that hangs (a guest that died mid-test, say) must not hold up the rest: status 143.
+limit=$((seconds * 8 + 180))
 run_nvmm() {
-    \$IP netns exec \$NS /lab/nvmm --kernel /lab/$kernel --initrd /lab/l2.cpio --mem 256M --cpus 1 \\
+    timeout \$limit \$IP netns exec \$NS /lab/nvmm --kernel /lab/$kernel --initrd /lab/l2.cpio --mem 256M --cpus 1 \\
         --disk path=/tmp/disk.img --net tap=nvtap0,mac=52:54:00:12:34:56 --cmdline '$cmdline'
 }
 run_qemu() {
-    \$IP netns exec \$NS qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 -m 256 \\
+    timeout \$limit \$IP netns exec \$NS qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 -m 256 \\
         -nographic -no-reboot -kernel /lab/$kernel -initrd /lab/l2.cpio -append '$cmdline' \\
         -drive file=/tmp/disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0 \\
         -netdev tap,id=n0,ifname=nvtap0,script=no,downscript=no \\
