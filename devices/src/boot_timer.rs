@@ -17,7 +17,10 @@ pub struct BootTimer {
 
 impl BootTimer {
     pub fn new(start: Instant) -> Self {
-        Self { start, reported: false }
+        Self {
+            start,
+            reported: false,
+        }
     }
 }
 

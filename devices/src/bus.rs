@@ -47,7 +47,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.ranges.range(..end).next_back();
         if let Some((&b, r)) = before {
             if b + r.len > base {
@@ -109,7 +111,8 @@ mod tests {
     #[test]
     fn dispatch_by_range_with_relative_offset() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(1)))).unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(1))))
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x105, &mut b));
         assert_eq!(b[0], 6);
@@ -123,10 +126,19 @@ mod tests {
     #[test]
     fn overlaps_are_refused() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(0)))).unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(0))))
+            .unwrap();
         let e = bus.insert(0x10f, 1, Arc::new(Mutex::new(Echo(0))));
-        assert_eq!(e, Err(BusError::Overlap { base: 0x10f, len: 1 }));
-        assert!(bus.insert(0xf8, 0x9, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert_eq!(
+            e,
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
+        );
+        assert!(bus
+            .insert(0xf8, 0x9, Arc::new(Mutex::new(Echo(0))))
+            .is_err());
         assert!(bus.insert(0x110, 1, Arc::new(Mutex::new(Echo(0)))).is_ok());
         assert!(bus.insert(0x200, 0, Arc::new(Mutex::new(Echo(0)))).is_err());
     }

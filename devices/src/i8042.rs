@@ -17,7 +17,9 @@ pub struct I8042 {
 impl I8042 {
     /// `reset` is signalled when the guest pulses the reset line.
     pub fn new(reset: EventFdTrigger) -> Self {
-        Self { dev: I8042Device::new(reset) }
+        Self {
+            dev: I8042Device::new(reset),
+        }
     }
 }
 

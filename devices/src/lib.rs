@@ -1,5 +1,5 @@
-pub mod bus;
 pub mod boot_timer;
+pub mod bus;
 pub mod i8042;
 pub mod serial;
 pub mod trigger;

@@ -20,7 +20,9 @@ pub struct SerialPort {
 impl SerialPort {
     /// `interrupt` is signalled when the guest should look at the UART (wired to an irqfd).
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(interrupt, out) }
+        Self {
+            uart: Serial::new(interrupt, out),
+        }
     }
 
     /// Queues input for the guest; returns how many bytes fit in the receive FIFO.
@@ -80,7 +82,10 @@ mod tests {
     fn output_and_input() {
         let sink = Sink::default();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut s = SerialPort::new(EventFdTrigger(evt.try_clone().unwrap()), Box::new(sink.clone()));
+        let mut s = SerialPort::new(
+            EventFdTrigger(evt.try_clone().unwrap()),
+            Box::new(sink.clone()),
+        );
         for b in b"hi" {
             s.write(0, &[*b]);
         }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Cap;
 
 use crate::boot;
 use crate::config::VmConfig;
@@ -74,10 +75,11 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
     let msrs = regs::boot_msrs(&nested::vcpu_msrs(&kvm, &host.vendor, config.nested)?);
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
         let mut cpuid = supported.clone();
-        cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus);
+        cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus, tsc_deadline);
         nested::shape_cpuid(&mut cpuid, &host.vendor, config.nested)?;
         let vcpu = Vcpu::new(&vm.fd, id)?;
         vcpu.configure(&cpuid, &msrs)?;

@@ -17,6 +17,10 @@ const EBX_LOGICAL_COUNT_SHIFT: u32 = 16;
 /// Leaf 1 ECX bit 31: running under a hypervisor. KVM's supported set leaves it clear, and without
 /// it Linux never looks at leaf 0x4000_0000, so it misses kvm-clock and paravirt features.
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM emulates it but leaves the bit to
+/// userspace (KVM_CAP_TSC_DEADLINE_TIMER). Without it Linux programs the LAPIC timer through its
+/// one-shot count register, which costs more exits per tick.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX bit 28 (HTT): EBX[23:16] is valid, i.e. more than one logical processor.
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x8000_0001 ECX bit 1 (CmpLegacy): multi-core, tells AMD guests to use 0x8000_0008.
@@ -30,8 +34,8 @@ fn id_bits(n: u8) -> u32 {
     (n.max(1) as u32).next_power_of_two().trailing_zeros()
 }
 
-/// Shapes `cpuid` for vCPU `id` of `count`.
-pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8) {
+/// Shapes `cpuid` for vCPU `id` of `count`. `tsc_deadline`: KVM can emulate the TSC-deadline timer.
+pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) {
     let apic_id = u32::from(id);
     let count32 = u32::from(count);
     let core_bits = id_bits(count);
@@ -40,6 +44,9 @@ pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8) {
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0xffff) | (apic_id << EBX_APIC_ID_SHIFT) | ((count32.next_power_of_two() & 0xff) << EBX_LOGICAL_COUNT_SHIFT);
                 e.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -128,12 +135,13 @@ pub(crate) mod tests {
     fn each_vcpu_gets_its_apic_id_and_a_consistent_topology() {
         for id in 0..4u8 {
             let mut c = supported(b"AuthenticAMD");
-            shape_for_vcpu(&mut c, id, 4);
+            shape_for_vcpu(&mut c, id, 4, true);
             let l1 = get(&c, 1, 0);
             assert_eq!(l1.ebx >> 24, id as u32);
             assert_eq!((l1.ebx >> 16) & 0xff, 4);
             assert_ne!(l1.edx & EDX_HTT, 0);
             assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+            assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
             assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
             assert_eq!(get(&c, 0xb, 0).ebx, 1);
             assert_eq!(get(&c, 0xb, 1).ebx, 4);
@@ -151,8 +159,9 @@ pub(crate) mod tests {
     #[test]
     fn single_vcpu_is_not_multicore() {
         let mut c = supported(b"GenuineIntel");
-        shape_for_vcpu(&mut c, 0, 1);
+        shape_for_vcpu(&mut c, 0, 1, false);
         assert_eq!(get(&c, 1, 0).edx & EDX_HTT, 0);
+        assert_eq!(get(&c, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!(get(&c, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
         assert_eq!(get(&c, 0xb, 1).ebx, 1);
         assert_eq!(get(&c, 0xb, 1).eax, 0);
@@ -161,7 +170,7 @@ pub(crate) mod tests {
     #[test]
     fn odd_counts_round_up_the_id_space() {
         let mut c = supported(b"AuthenticAMD");
-        shape_for_vcpu(&mut c, 2, 3);
+        shape_for_vcpu(&mut c, 2, 3, true);
         assert_eq!(get(&c, 0xb, 1).eax, 2);
         assert_eq!((get(&c, 1, 0).ebx >> 16) & 0xff, 4);
         assert_eq!(get(&c, 0xb, 1).ebx, 3);

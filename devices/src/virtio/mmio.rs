@@ -14,6 +14,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio as regs;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -107,7 +108,12 @@ impl QueueRegisters {
     }
 
     /// Builds a virtio-queue `Queue`, letting it check size and alignment, then memory bounds.
-    fn build(&self, index: usize, mem: &GuestMemoryMmap) -> Result<Queue, QueueSetupError> {
+    fn build(
+        &self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        event_idx: bool,
+    ) -> Result<Queue, QueueSetupError> {
         if !self.ready {
             return Err(QueueSetupError::NotReady(index));
         }
@@ -123,6 +129,7 @@ impl QueueRegisters {
         queue
             .try_set_used_ring_address(GuestAddress(self.used))
             .map_err(invalid)?;
+        queue.set_event_idx(event_idx);
         queue.set_ready(true);
         if !queue.is_valid(mem) {
             return Err(QueueSetupError::OutsideMemory(index));
@@ -254,7 +261,11 @@ impl MmioTransport {
                 self.write_queue_register(offset, value)
             }
             QUEUE_NOTIFY => self.notify(value),
-            INTERRUPT_ACK => self.interrupt.ack(value),
+            INTERRUPT_ACK => {
+                if let Err(e) = self.interrupt.ack(value) {
+                    log::error!("virtio-mmio: cannot raise the interrupt again: {e}");
+                }
+            }
             STATUS => self.write_status(value),
             SHM_SEL => {}
             _ => log::warn!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
@@ -372,11 +383,12 @@ impl MmioTransport {
 
     /// DRIVER_OK: build the queues and start the device; returns the new status.
     fn activate(&mut self) -> u32 {
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let queues: Result<Vec<Queue>, _> = self
             .queues
             .iter()
             .enumerate()
-            .map(|(i, q)| q.build(i, &self.mem))
+            .map(|(i, q)| q.build(i, &self.mem, event_idx))
             .collect();
         let result = match queues {
             Ok(queues) => {

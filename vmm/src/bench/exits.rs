@@ -76,9 +76,6 @@ impl Cpl {
 /// RFLAGS: bit 1 is always set; IOPL 3 (bits 12..13) lets CPL 3 use port I/O without a TSS bitmap.
 const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
-/// CPUID leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM_GET_SUPPORTED_CPUID leaves
-/// it to the VMM, which may set it when KVM has KVM_CAP_TSC_DEADLINE_TIMER.
-const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Exceptions that push an error code, which sits between the stack pointer and the faulting RIP.
 const VECTORS_WITH_ERROR_CODE: [u8; 9] = [8, 10, 11, 12, 13, 14, 17, 21, 30];
 
@@ -150,13 +147,8 @@ impl Runner {
 
         let vcpu = Vcpu::new(&vm.fd, 0)?;
         let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
-        cpuid::shape_for_vcpu(&mut cpuid, 0, 1);
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-        if tsc_deadline {
-            for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-                e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
-            }
-        }
+        cpuid::shape_for_vcpu(&mut cpuid, 0, 1, tsc_deadline);
         vcpu.configure(&cpuid, &regs::boot_msrs(&[]))?;
         regs::enable_lapic(&vcpu.fd)?;
         let msr_value = read_msr(&vcpu, guest::MSR_BENCH)?;

@@ -111,9 +111,24 @@ pub fn run(mut fd: VcpuFd, io: &IoBuses) -> VmExit {
             Err(e) => Action::Stop(VmExit::Error(format!("KVM_RUN failed: {e}"))),
         };
         if let Action::Stop(why) = action {
+            if why == VmExit::Reset && log::log_enabled!(log::Level::Debug) {
+                log_shutdown_state(&fd);
+            }
             return describe_internal_error(&mut fd).unwrap_or(why);
         }
     }
+}
+
+/// A shutdown is how Linux's `reboot=t` resets, and also what a guest crash looks like: where the
+/// vCPU stood tells the two apart.
+fn log_shutdown_state(fd: &VcpuFd) {
+    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
+        return;
+    };
+    log::debug!(
+        "shutdown: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x} cs {:#x}",
+        r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
+    );
 }
 
 /// KVM's internal errors carry a suberror code worth reporting (1 = emulation failure).

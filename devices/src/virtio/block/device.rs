@@ -9,14 +9,14 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
 use super::request::process_request;
 use super::{BlockError, MAX_DISCARD_SEGMENTS, QUEUE_SIZE, SEG_MAX};
-use crate::virtio::{ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{drain_queue, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
 
 /// How the VMM describes a disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,17 +95,9 @@ impl Block {
 
 /// Completes every request the driver made available. Returns whether the driver must be told.
 pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &mut Disk) -> bool {
-    let mut used_any = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let len = process_request(mem, chain, disk);
-        // Fails only for a head index past the queue size: nothing to give back then.
-        match queue.add_used(mem, head, len) {
-            Ok(()) => used_any = true,
-            Err(e) => log::warn!("virtio-blk: cannot complete request {head}: {e}"),
-        }
-    }
-    used_any && queue.needs_notification(mem).unwrap_or(true)
+    drain_queue(mem, queue, "virtio-blk", |chain| {
+        process_request(mem, chain, disk)
+    })
 }
 
 /// `virtio_blk_config`, little-endian, as the driver reads it.

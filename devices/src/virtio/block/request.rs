@@ -193,22 +193,16 @@ fn execute(
     match request_type {
         RequestType::In => {
             let len = sector_data_len(mem, data, request_type, true)?;
-            let mut offset = disk_offset(disk, sector, len)?;
-            for d in data {
-                disk.read_to_guest(mem, d.addr(), offset, d.len())?;
-                offset += u64::from(d.len());
-            }
+            let offset = disk_offset(disk, sector, len)?;
+            disk.read_to_guest(mem, &segments(data), offset)?;
             // A chain carries at most u32::MAX bytes (the chain iterator stops there).
             Ok(u32::try_from(len).unwrap_or(u32::MAX))
         }
         RequestType::Out => {
             refuse_if_read_only(disk, request_type)?;
             let len = sector_data_len(mem, data, request_type, false)?;
-            let mut offset = disk_offset(disk, sector, len)?;
-            for d in data {
-                disk.write_from_guest(mem, d.addr(), offset, d.len())?;
-                offset += u64::from(d.len());
-            }
+            let offset = disk_offset(disk, sector, len)?;
+            disk.write_from_guest(mem, &segments(data), offset)?;
             Ok(0)
         }
         RequestType::Flush => {
@@ -231,6 +225,10 @@ fn execute(
         }
         RequestType::Unsupported(t) => Err(RequestError::Unsupported(t)),
     }
+}
+
+fn segments(data: &[Descriptor]) -> Vec<(GuestAddress, u32)> {
+    data.iter().map(|d| (d.addr(), d.len())).collect()
 }
 
 fn refuse_if_read_only(disk: &Disk, request_type: RequestType) -> Result<(), RequestError> {

@@ -19,7 +19,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::rx::{Delivery, RxBuffers};
 use super::tap::Tap;
 use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
-use crate::virtio::{ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{
+    mute, needs_interrupt, unmute, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
+};
 
 /// How the VMM describes a NIC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,64 +141,91 @@ impl Net {
 
     /// Moves frames from the TAP into RX buffers until the TAP is empty (the edge-triggered TAP
     /// event then comes again with the next frame) or the guest is out of buffers (the RX queue
-    /// notification then brings us back here).
+    /// notification then brings us back here). The driver is asked to notify new RX buffers only
+    /// in the second case: otherwise the next TAP event finds them anyway.
     pub(super) fn process_rx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let mut notify = self.rx_buffers.refill(&active.mem, &mut active.rx);
+        let (mut notify, since) = (false, active.rx.next_used());
         loop {
-            let len = match self.rx_pending.take() {
-                Some(len) => len,
-                None => match self.tap.read(&mut self.rx_frame) {
-                    Ok(0) => break,
-                    Ok(len) if len >= VNET_HDR_LEN => len,
-                    // Cannot come from a TAP with a vnet header; skip it.
-                    Ok(len) => {
-                        log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        log::error!("virtio-net: cannot read from TAP {}: {e}", self.tap.name());
+            notify |= self.rx_buffers.refill(&active.mem, &mut active.rx);
+            loop {
+                let len = match self.rx_pending.take() {
+                    Some(len) => len,
+                    None => match self.tap.read(&mut self.rx_frame) {
+                        Ok(0) => break,
+                        Ok(len) if len >= VNET_HDR_LEN => len,
+                        // Cannot come from a TAP with a vnet header; skip it.
+                        Ok(len) => {
+                            log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
+                            continue;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            log::error!(
+                                "virtio-net: cannot read from TAP {}: {e}",
+                                self.tap.name()
+                            );
+                            break;
+                        }
+                    },
+                };
+                let frame = &mut self.rx_frame[..len];
+                match self
+                    .rx_buffers
+                    .deliver(&active.mem, &mut active.rx, frame, active.mergeable)
+                {
+                    Delivery::Delivered => notify = true,
+                    Delivery::Dropped => log::warn!(
+                        "virtio-net: dropping a {len}-byte frame that no RX buffer can hold"
+                    ),
+                    Delivery::NoRoom => {
+                        self.rx_pending = Some(len);
                         break;
                     }
-                },
-            };
-            let frame = &mut self.rx_frame[..len];
-            match self
-                .rx_buffers
-                .deliver(&active.mem, &mut active.rx, frame, active.mergeable)
-            {
-                Delivery::Delivered => notify = true,
-                Delivery::Dropped => {
-                    log::warn!("virtio-net: dropping a {len}-byte frame that no RX buffer can hold")
-                }
-                Delivery::NoRoom => {
-                    self.rx_pending = Some(len);
-                    break;
                 }
             }
+            if self.rx_pending.is_none() {
+                mute(&active.mem, &mut active.rx, "virtio-net RX");
+                break;
+            }
+            // Out of buffers: have the driver say when it adds some, unless it already did.
+            if !unmute(&active.mem, &mut active.rx, "virtio-net RX") {
+                break;
+            }
         }
-        if notify && active.rx.needs_notification(&active.mem).unwrap_or(true) {
+        if notify && needs_interrupt(&active.mem, &active.rx, since) {
             self.signal_used_buffer();
         }
     }
 
-    /// Sends every frame the guest queued to the TAP.
+    /// Sends every frame the guest queued to the TAP. As long as there were frames, the driver's
+    /// TX notifications stay off and the device looks again on the next turn of the event loop
+    /// (by kicking its own TX eventfd): a busy sender then costs one pass per batch instead of an
+    /// exit per frame, the way QEMU's TX bottom half works. An empty pass turns them back on.
     pub(super) fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        let (mem, queue) = (&active.mem, &mut active.tx);
+        mute(mem, queue, "virtio-net TX");
+        let since = queue.next_used();
         let tap = &self.tap;
-        let notify = tx::process_queue(&active.mem, &mut active.tx, &mut self.tx_frame, |frame| {
+        let sent = tx::process_queue(mem, queue, &mut self.tx_frame, |frame| {
             // Like a NIC without carrier, a TAP whose host side is down drops the frame (EIO).
             if let Err(e) = tap.write(frame) {
                 log::debug!("virtio-net: TAP {} dropped a frame: {e}", tap.name());
             }
         });
-        if notify {
+        let again = sent > 0 || unmute(mem, queue, "virtio-net TX");
+        if sent > 0 && needs_interrupt(mem, queue, since) {
             self.signal_used_buffer();
+        }
+        if again {
+            if let Err(e) = self.queue_events[TX_QUEUE].write(1) {
+                log::error!("virtio-net: cannot kick the TX queue: {e}");
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::VNET_HDR_LEN;
+use crate::virtio::add_used_batch;
 
 /// Descriptors one RX chain may have. Linux uses 1 (mergeable buffers) or about 20 (big packets).
 pub const MAX_RX_DESCRIPTORS: usize = 64;
@@ -191,6 +192,7 @@ impl RxBuffers {
         frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
 
         let mut rest: &[u8] = frame;
+        let mut used = Vec::with_capacity(needed);
         for _ in 0..needed {
             let Some(buffer) = self.buffers.pop_front() else {
                 break;
@@ -198,10 +200,11 @@ impl RxBuffers {
             let n = buffer.write(mem, rest);
             rest = &rest[n..];
             // n <= frame length <= MAX_FRAME_LEN.
-            let len = u32::try_from(n).unwrap_or(u32::MAX);
-            if let Err(e) = queue.add_used(mem, buffer.head, len) {
-                log::warn!("virtio-net: cannot complete RX chain {}: {e}", buffer.head);
-            }
+            used.push((buffer.head, u32::try_from(n).unwrap_or(u32::MAX)));
+        }
+        // All of the frame's buffers at once: the driver reads num_buffers from the first.
+        if let Err(e) = add_used_batch(mem, queue, &used) {
+            log::warn!("virtio-net: cannot complete {} RX chains: {e}", used.len());
         }
         Delivery::Delivered
     }

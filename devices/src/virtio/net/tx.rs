@@ -1,10 +1,11 @@
 //! Transmit path: each TX chain (vnet header + Ethernet frame, device-readable) is gathered into
 //! one buffer and handed to the TAP as one write.
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryError, GuestMemoryMmap};
 
 use super::{ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::virtio::complete_chains;
 
 /// Why a TX chain was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -54,27 +55,21 @@ pub fn read_frame(
 }
 
 /// Sends every frame the driver queued through `send`; every chain is completed, sent or not.
-/// Returns whether the driver must be told.
+/// Returns how many chains there were.
 pub fn process_queue(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     frame: &mut [u8],
     mut send: impl FnMut(&[u8]),
-) -> bool {
-    let mut used_any = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
+) -> usize {
+    complete_chains(mem, queue, "virtio-net TX", |chain| {
         match read_frame(mem, chain, frame) {
             Ok(len) => send(&frame[..len]),
             Err(e) => log::warn!("virtio-net: dropping TX frame: {e}"),
         }
-        // The device writes nothing into TX buffers: used length 0.
-        match queue.add_used(mem, head, 0) {
-            Ok(()) => used_any = true,
-            Err(e) => log::warn!("virtio-net: cannot complete TX chain {head}: {e}"),
-        }
-    }
-    used_any && queue.needs_notification(mem).unwrap_or(true)
+        // The device writes nothing into TX buffers.
+        0
+    })
 }
 
 #[cfg(test)]
@@ -97,7 +92,8 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         let mut frame = vec![0u8; MAX_FRAME_LEN];
         let mut sent = Vec::new();
-        assert!(process_queue(mem, &mut q, &mut frame, |f| sent.push(f.to_vec())));
+        let n = process_queue(mem, &mut q, &mut frame, |f| sent.push(f.to_vec()));
+        assert_eq!(n, chains.len());
         assert_eq!(vq.used().idx().load() as usize, chains.len());
         for i in 0..chains.len() {
             assert_eq!(used_entry(&vq, i as u16).1, 0);
@@ -154,7 +150,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         let mut frame = vec![0u8; MAX_FRAME_LEN];
         let mut sent = 0;
-        assert!(process_queue(&mem, &mut q, &mut frame, |_| sent += 1));
+        assert_eq!(process_queue(&mem, &mut q, &mut frame, |_| sent += 1), 1);
         assert_eq!(sent, 0);
         assert_eq!(used_entry(&vq, 0), (0, 0));
     }
