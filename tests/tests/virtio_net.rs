@@ -107,11 +107,10 @@ fn tcp_64_mib_each_way_in_a_private_namespace() {
         .replace("CMDLINE", &run_cmdline(""));
     let run = Lab::new()
         .timeout(1800)
-        // One L1 vCPU. With two, QEMU 7.2's multi-threaded TCG loses the lab in about 2 runs out
-        // of 5 here: L2, and sometimes L1 itself, triple-fault silently during the guest-to-host
-        // half. L1 resetting rules out nvmm (a process in L1) as the cause; with one vCPU, or two on
-        // single-threaded TCG, 5 runs out of 5 pass in each setup. nvmm's vCPU and event threads run
-        // concurrently still, preempting each other.
+        // One L1 vCPU. With two (multi-threaded TCG), L2 triple-faults silently during the
+        // guest-to-host half in 1 or 2 runs out of 6, and L1 itself has reset the same way, which
+        // no process in L1 (nvmm included) can cause. With one L1 vCPU, or two on single-threaded
+        // TCG, 13 runs out of 13 passed. nvmm's vCPU and event threads still run concurrently.
         .cpus(1)
         .bin("/sbin/ip:/usr/local/sbin/ip2")
         .file(nvmm_bin(), "/lab/nvmm")
