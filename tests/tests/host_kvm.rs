@@ -39,6 +39,29 @@ fn tiny_guest_reads_the_virtio_mmio_registers_of_a_disk() {
     assert_eq!(stdout, format!("{}virt2\n", tiny::BANNER));
 }
 
+#[test]
+fn missing_tap_is_created_and_announced() {
+    let dir = scratch_dir("tiny-net");
+    let elf = dir.join("tiny.elf");
+    tiny::write_elf(&elf);
+    // A network namespace of nvmm's own: the TAP cannot exist there beforehand, nor outlive it.
+    let out = Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(nvmm_bin())
+        .args(["--kernel", elf.to_str().unwrap(), "--net", "tap=nvmmtiny0,mac=52:54:00:00:00:01"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    // Magic "virt" and device ID 1 (network) from the first virtio-mmio window.
+    assert_eq!(stdout, format!("{}virt1\n", tiny::BANNER));
+    assert_eq!(
+        stderr.trim_end(),
+        "nvmm: warn: TAP device nvmmtiny0 did not exist: created it (it goes away when nvmm exits)"
+    );
+}
+
 /// The PVH entry of the project's vmlinux, on this machine's /dev/kvm: Linux cannot finish booting on
 /// PVM (ENVIRONMENT.md), but its early console shows that it entered through PVH and read the
 /// command line and memory map nvmm put in `hvm_start_info`.

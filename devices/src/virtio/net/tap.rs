@@ -75,8 +75,9 @@ impl Tap {
                 err: io::Error::last_os_error(),
             });
         }
+        // Said at the default log level: the user asked for a device that was not there.
         if !existed {
-            log::info!("created TAP device {name}");
+            log::warn!("TAP device {name} did not exist: created it (it goes away when nvmm exits)");
         }
 
         let hdr_len = VNET_HDR_LEN as c_int;
