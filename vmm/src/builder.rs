@@ -93,9 +93,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset })));
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
-    for s in device_subscribers {
-        events.add_subscriber(s);
-    }
+    crate::virtio::spawn_event_loops(device_subscribers)?;
 
     let _raw = RawMode::enter();
     let io = Arc::new(io);

@@ -1,8 +1,11 @@
 //! Attaching virtio devices over MMIO: one page and one IRQ each, queue notifications through
-//! ioeventfd, interrupts through irqfd, device work on the event loop. The kernel learns about them
-//! from `virtio_mmio.device=` entries on its command line.
+//! ioeventfd, interrupts through irqfd, device work on an event loop of the device's own. The
+//! kernel learns about them from `virtio_mmio.device=` entries on its command line.
 
 use std::sync::{Arc, Mutex};
+use std::thread;
+
+use event_manager::{EventManager, SubscriberOps};
 
 use linux_loader::cmdline::Cmdline;
 use nvmm_devices::virtio::{self, Block, BlockConfig, MmioTransport, Net, NetConfig, VirtioDevice, MMIO_LEN, QUEUE_NOTIFY};
@@ -34,6 +37,8 @@ pub enum Error {
     Vm(#[from] crate::vm::Error),
     #[error("device placement: {0}")]
     Bus(#[from] nvmm_devices::bus::BusError),
+    #[error("cannot start the event loop of virtio device {index}: {msg}")]
+    EventLoop { index: usize, msg: String },
 }
 
 /// A device as the transport and as the event loop see it: the same object behind one mutex.
@@ -79,4 +84,25 @@ pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig, cmdline: &str) -> Re
     }
     let cmdline = cl.as_cstring().map_err(Error::Cmdline)?.into_string().unwrap_or_default();
     Ok((subscribers, cmdline))
+}
+
+/// Runs each device's queues and backend on a thread of its own, so that one device's slow I/O (a
+/// flush that waits for the disk) never holds up another device or the console. The threads live
+/// as long as the process: nvmm exits when the VM stops.
+pub fn spawn_event_loops(subscribers: Vec<Subscriber>) -> Result<(), Error> {
+    for (index, subscriber) in subscribers.into_iter().enumerate() {
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| Error::EventLoop { index, msg: format!("{e:?}") })?;
+        events.add_subscriber(subscriber);
+        thread::Builder::new()
+            .name(format!("nvmm-virtio{index}"))
+            .spawn(move || loop {
+                if let Err(e) = events.run() {
+                    log::error!("virtio device {index}: event loop stopped: {e:?}");
+                    return;
+                }
+            })
+            .map_err(|e| Error::EventLoop { index, msg: e.to_string() })?;
+    }
+    Ok(())
 }

@@ -16,8 +16,8 @@
 //! # Threads and activation
 //!
 //! vCPU threads only touch registers: the transport locks the device for config space, features and
-//! the status handshake. All queue work happens on the event-manager thread, in each device's
-//! `event_handler.rs`. A subscriber registers its queue eventfds (and, for net, the TAP fd) once, in
+//! the status handshake. All queue work happens on an event-manager thread (nvmm gives each device
+//! its own), in the device's `event_handler.rs`. A subscriber registers its queue eventfds (and, for net, the TAP fd) once, in
 //! `init()`, whatever the device state; events that arrive while the device is not activated are
 //! drained and ignored. When the driver writes DRIVER_OK, the transport hands the queues to
 //! [`VirtioDevice::activate`] (under the same mutex the event loop takes), and the device kicks its
