@@ -44,9 +44,12 @@ cargo +nightly fuzz build >&2
 
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
+    # seeds/TARGET (committed): inputs that once failed, replayed first on every run.
+    seeds=()
+    [ -d "seeds/$t" ] && seeds=("seeds/$t")
     echo "fuzz.sh: $t for ${seconds}s" >&2
     # -rss_limit_mb and -timeout: a request that eats memory or hangs counts as a failure.
-    if ! cargo +nightly fuzz run "$t" "corpus/$t" -- \
+    if ! cargo +nightly fuzz run "$t" "corpus/$t" "${seeds[@]}" -- \
             -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
             > "corpus/$t.log" 2>&1; then
         tail -n 60 "corpus/$t.log" >&2

@@ -219,6 +219,26 @@ pub(crate) fn unmute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) -> bo
     })
 }
 
+/// After `unmute` said chains came in: whether to look again. Once without `progress` is right
+/// (they came in while the queue was being read); twice in a row, the ring's index points at
+/// chains that cannot be taken, which only a broken or hostile driver does: looking again would
+/// spin forever, so the device waits for the next notification instead.
+pub(crate) fn keep_going(progress: bool, retried: &mut bool, what: &str) -> bool {
+    if progress {
+        *retried = false;
+        return true;
+    }
+    if *retried {
+        log::warn!(
+            "{what}: the available index points past what the ring holds; waiting for the driver"
+        );
+        *retried = false;
+        return false;
+    }
+    *retried = true;
+    true
+}
+
 /// Completes the queue's available chains with `handle`, which returns each chain's used length,
 /// with notifications off until the queue is empty. Returns whether the driver must be
 /// interrupted.
@@ -229,10 +249,13 @@ pub(crate) fn drain_queue(
     mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> bool {
     let (mut completed, since) = (0, queue.next_used());
+    let mut retried = false;
     loop {
         mute(mem, queue, what);
+        let from = queue.next_avail();
         completed += complete_chains(mem, queue, what, &mut handle);
-        if !unmute(mem, queue, what) {
+        let progress = queue.next_avail() != from;
+        if !unmute(mem, queue, what) || !keep_going(progress, &mut retried, what) {
             break;
         }
     }
@@ -275,6 +298,22 @@ mod tests {
         });
         assert_eq!(seen, [head]);
         irq
+    }
+
+    #[test]
+    fn an_available_index_past_the_ring_does_not_spin() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+        let mut q = queue(&vq, true);
+        add_chain(&vq, 0, &[r(0x10_0000, 16)]);
+        // Claims a thousand more chains than the ring can hold.
+        vq.avail().idx().store(1000);
+        let mut seen = 0;
+        drain_queue(&mem, &mut q, "test", |_| {
+            seen += 1;
+            0
+        });
+        assert_eq!(seen, 0);
     }
 
     #[test]

@@ -20,7 +20,8 @@ use super::rx::{Delivery, RxBuffers};
 use super::tap::Tap;
 use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::virtio::{
-    mute, needs_interrupt, unmute, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
+    keep_going, mute, needs_interrupt, unmute, ActivateError, Interrupt, VirtioDevice,
+    COMMON_FEATURES,
 };
 
 /// How the VMM describes a NIC.
@@ -87,6 +88,8 @@ pub struct Net {
     /// driver adds RX buffers (and notifies the RX queue).
     rx_pending: Option<usize>,
     tx_frame: Vec<u8>,
+    /// TX looked again once without finding the chains the driver announced (see `keep_going`).
+    tx_retried: bool,
 }
 
 impl Net {
@@ -118,6 +121,7 @@ impl Net {
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
             tx_frame: vec![0u8; MAX_FRAME_LEN],
+            tx_retried: false,
         })
     }
 
@@ -148,8 +152,11 @@ impl Net {
             return;
         };
         let (mut notify, since) = (false, active.rx.next_used());
+        let mut retried = false;
         loop {
+            let from = active.rx.next_avail();
             notify |= self.rx_buffers.refill(&active.mem, &mut active.rx);
+            let progress = active.rx.next_avail() != from;
             loop {
                 let len = match self.rx_pending.take() {
                     Some(len) => len,
@@ -191,7 +198,9 @@ impl Net {
                 break;
             }
             // Out of buffers: have the driver say when it adds some, unless it already did.
-            if !unmute(&active.mem, &mut active.rx, "virtio-net RX") {
+            if !unmute(&active.mem, &mut active.rx, "virtio-net RX")
+                || !keep_going(progress, &mut retried, "virtio-net RX")
+            {
                 break;
             }
         }
@@ -210,7 +219,7 @@ impl Net {
         };
         let (mem, queue) = (&active.mem, &mut active.tx);
         mute(mem, queue, "virtio-net TX");
-        let since = queue.next_used();
+        let (since, from) = (queue.next_used(), queue.next_avail());
         let tap = &self.tap;
         let sent = tx::process_queue(mem, queue, &mut self.tx_frame, |frame| {
             // Like a NIC without carrier, a TAP whose host side is down drops the frame (EIO).
@@ -218,7 +227,13 @@ impl Net {
                 log::debug!("virtio-net: TAP {} dropped a frame: {e}", tap.name());
             }
         });
-        let again = sent > 0 || unmute(mem, queue, "virtio-net TX");
+        let progress = queue.next_avail() != from;
+        let again = progress
+            || (unmute(mem, queue, "virtio-net TX")
+                && keep_going(false, &mut self.tx_retried, "virtio-net TX"));
+        if progress {
+            self.tx_retried = false;
+        }
         if sent > 0 && needs_interrupt(mem, queue, since) {
             self.signal_used_buffer();
         }
@@ -285,6 +300,7 @@ impl VirtioDevice for Net {
         self.active = None;
         self.rx_buffers.clear();
         self.rx_pending = None;
+        self.tx_retried = false;
         // The next driver may not accept offloaded frames.
         if let Err(e) = self.tap.set_offload(0) {
             log::error!("virtio-net: {e}");

@@ -77,7 +77,9 @@ impl Tap {
         }
         // Said at the default log level: the user asked for a device that was not there.
         if !existed {
-            log::warn!("TAP device {name} did not exist: created it (it goes away when nvmm exits)");
+            log::warn!(
+                "TAP device {name} did not exist: created it (it goes away when nvmm exits)"
+            );
         }
 
         let hdr_len = VNET_HDR_LEN as c_int;
