@@ -49,6 +49,9 @@ pub use interrupt::{Interrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 pub use mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 pub use net::{parse_mac, Net, NetConfig, NetError};
 
+/// The most iovecs one readv/writev-family call takes (Linux's UIO_MAXIOV).
+pub(crate) const IOV_MAX: usize = 1024;
+
 /// Features every device here offers: modern virtio only, indirect descriptor tables (walked by
 /// virtio-queue's `DescriptorChain`) and event indexes, which let both sides skip most notifications
 /// and interrupts under load.

@@ -10,6 +10,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Pe
 use vmm_sys_util::write_zeroes::{PunchHole, WriteZeroesAt};
 
 use super::{BlockError, ID_BYTES, SECTOR_SIZE};
+use crate::virtio::IOV_MAX;
 
 /// Errors from I/O on the image. Offsets and lengths are in bytes.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +42,6 @@ pub enum DiskError {
         err: io::Error,
     },
 }
-
-/// The most iovecs one preadv/pwritev takes (Linux's UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
 
 #[derive(Clone, Copy)]
 enum Direction {

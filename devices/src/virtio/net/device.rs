@@ -87,7 +87,7 @@ pub struct Net {
     /// Set while the guest has no room for the frame in `rx_frame`: the TAP is not read until the
     /// driver adds RX buffers (and notifies the RX queue).
     rx_pending: Option<usize>,
-    tx_frame: Vec<u8>,
+    tx_scratch: tx::Gathered,
     /// TX looked again once without finding the chains the driver announced (see `keep_going`).
     tx_retried: bool,
 }
@@ -120,7 +120,7 @@ impl Net {
             rx_buffers: RxBuffers::default(),
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
-            tx_frame: vec![0u8; MAX_FRAME_LEN],
+            tx_scratch: tx::Gathered::default(),
             tx_retried: false,
         })
     }
@@ -221,9 +221,9 @@ impl Net {
         mute(mem, queue, "virtio-net TX");
         let (since, from) = (queue.next_used(), queue.next_avail());
         let tap = &self.tap;
-        let sent = tx::process_queue(mem, queue, &mut self.tx_frame, |frame| {
+        let sent = tx::process_queue(mem, queue, &mut self.tx_scratch, |frame, _| {
             // Like a NIC without carrier, a TAP whose host side is down drops the frame (EIO).
-            if let Err(e) = tap.write(frame) {
+            if let Err(e) = tap.writev(frame) {
                 log::debug!("virtio-net: TAP {} dropped a frame: {e}", tap.name());
             }
         });

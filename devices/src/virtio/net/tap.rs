@@ -2,7 +2,7 @@
 
 use std::ffi::{c_int, c_short, c_uint, c_ulong, CString};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -126,9 +126,18 @@ impl Tap {
         (&self.file).read(buf)
     }
 
-    /// Writes one frame.
-    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        (&self.file).write(buf)
+    /// Writes one frame given in pieces (vnet header first), each a buffer the caller keeps
+    /// mapped for the call.
+    pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the kernel only reads the iovecs and the buffers they describe, which the caller
+        // guarantees are mapped; the fd is ours.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 

@@ -1,11 +1,11 @@
-//! Transmit path: each TX chain (vnet header + Ethernet frame, device-readable) is gathered into
-//! one buffer and handed to the TAP as one write.
+//! Transmit path: each TX chain (vnet header + Ethernet frame, device-readable) goes to the TAP
+//! in one writev straight from the guest's buffers, with no copy of its own.
 
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 
 use super::{ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
-use crate::virtio::complete_chains;
+use crate::virtio::{complete_chains, IOV_MAX};
 
 /// Why a TX chain was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -18,30 +18,59 @@ pub enum TxError {
     TooLong,
     #[error("TX frame of {0} bytes is shorter than a vnet and an Ethernet header")]
     TooShort(usize),
-    #[error("cannot read the TX frame from guest memory: {0}")]
+    #[error("TX frame is in more than {IOV_MAX} pieces")]
+    TooManyPieces,
+    #[error("TX buffer is not in guest memory: {0}")]
     Memory(GuestMemoryError),
 }
 
-/// Copies the chain into `frame` (at least [`MAX_FRAME_LEN`] bytes long); returns the frame length.
-pub fn read_frame(
+/// A TX chain's buffers, checked, in the form writev takes. Kept across chains to reuse its memory.
+#[derive(Default)]
+pub struct Gathered {
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point into guest memory, which every thread may access; they are only
+// dereferenced by the kernel during writev, while the guest memory they came from is mapped.
+unsafe impl Send for Gathered {}
+
+impl Gathered {
+    /// The frame's pieces, in order.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+}
+
+/// Checks the chain and collects its buffers into `out`; returns the frame length.
+pub fn gather_frame(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    frame: &mut [u8],
+    out: &mut Gathered,
 ) -> Result<usize, TxError> {
-    let cap = frame.len().min(MAX_FRAME_LEN);
-    let frame = &mut frame[..cap];
+    out.iov.clear();
     let mut len = 0usize;
     let mut last = None;
     for desc in chain {
         if desc.is_write_only() {
             return Err(TxError::WriteOnlyDescriptor);
         }
-        let end = len
+        len = len
             .checked_add(desc.len() as usize)
+            .filter(|&l| l <= MAX_FRAME_LEN)
             .ok_or(TxError::TooLong)?;
-        let dst = frame.get_mut(len..end).ok_or(TxError::TooLong)?;
-        mem.read_slice(dst, desc.addr()).map_err(TxError::Memory)?;
-        len = end;
+        let slices = mem
+            .get_slices(desc.addr(), desc.len() as usize, Permissions::Read)
+            .map_err(TxError::Memory)?;
+        for slice in slices {
+            let guard = slice.map_err(TxError::Memory)?.ptr_guard();
+            if out.iov.len() == IOV_MAX {
+                return Err(TxError::TooManyPieces);
+            }
+            out.iov.push(libc::iovec {
+                iov_base: guard.as_ptr().cast_mut().cast(),
+                iov_len: guard.len(),
+            });
+        }
         last = Some(desc);
     }
     // A last descriptor that still says "next" means the walk was cut short.
@@ -54,17 +83,17 @@ pub fn read_frame(
     Ok(len)
 }
 
-/// Sends every frame the driver queued through `send`; every chain is completed, sent or not.
-/// Returns how many chains there were.
+/// Sends every frame the driver queued through `send` (its pieces and its length); every chain is
+/// completed, sent or not. Returns how many chains there were.
 pub fn process_queue(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
-    frame: &mut [u8],
-    mut send: impl FnMut(&[u8]),
+    scratch: &mut Gathered,
+    mut send: impl FnMut(&[libc::iovec], usize),
 ) -> usize {
     complete_chains(mem, queue, "virtio-net TX", |chain| {
-        match read_frame(mem, chain, frame) {
-            Ok(len) => send(&frame[..len]),
+        match gather_frame(mem, chain, scratch) {
+            Ok(len) => send(scratch.iovecs(), len),
             Err(e) => log::warn!("virtio-net: dropping TX frame: {e}"),
         }
         // The device writes nothing into TX buffers.
@@ -80,7 +109,16 @@ mod tests {
     };
     use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// The bytes the iovecs cover, in order (the test's guest memory holds still meanwhile).
+    fn flatten(iov: &[libc::iovec]) -> Vec<u8> {
+        iov.iter()
+            // SAFETY: gather_frame made each iovec from a slice of live guest memory.
+            .flat_map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+            .copied()
+            .collect()
+    }
 
     fn run(mem: &GuestMemoryMmap, chains: &[&[Desc]]) -> Vec<Vec<u8>> {
         let vq = MockSplitQueue::create(mem, GuestAddress(0), 16);
@@ -90,9 +128,13 @@ mod tests {
             first += c.len() as u16;
         }
         let mut q: Queue = vq.create_queue().unwrap();
-        let mut frame = vec![0u8; MAX_FRAME_LEN];
+        let mut scratch = Gathered::default();
         let mut sent = Vec::new();
-        let n = process_queue(mem, &mut q, &mut frame, |f| sent.push(f.to_vec()));
+        let n = process_queue(mem, &mut q, &mut scratch, |iov, len| {
+            let frame = flatten(iov);
+            assert_eq!(frame.len(), len);
+            sent.push(frame)
+        });
         assert_eq!(n, chains.len());
         assert_eq!(vq.used().idx().load() as usize, chains.len());
         for i in 0..chains.len() {
@@ -148,9 +190,12 @@ mod tests {
             &[(0x10_0000, 30, next, 1), (0x10_0000, 30, next, 0)],
         );
         let mut q: Queue = vq.create_queue().unwrap();
-        let mut frame = vec![0u8; MAX_FRAME_LEN];
         let mut sent = 0;
-        assert_eq!(process_queue(&mem, &mut q, &mut frame, |_| sent += 1), 1);
+        let mut scratch = Gathered::default();
+        assert_eq!(
+            process_queue(&mem, &mut q, &mut scratch, |_, _| sent += 1),
+            1
+        );
         assert_eq!(sent, 0);
         assert_eq!(used_entry(&vq, 0), (0, 0));
     }
