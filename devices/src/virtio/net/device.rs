@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::rx::{Delivery, RxBuffers};
+use super::rx::{Delivery, Direct, RxBuffers};
 use super::tap::Tap;
 use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::virtio::{
@@ -158,6 +158,31 @@ impl Net {
             notify |= self.rx_buffers.refill(&active.mem, &mut active.rx);
             let progress = active.rx.next_avail() != from;
             loop {
+                // Straight into the guest's buffers when they have room for any frame.
+                if self.rx_pending.is_none() {
+                    let tap = &self.tap;
+                    match self.rx_buffers.receive_direct(
+                        &active.mem,
+                        &mut active.rx,
+                        active.mergeable,
+                        |iov| tap.readv(iov),
+                    ) {
+                        Direct::Received => {
+                            notify = true;
+                            continue;
+                        }
+                        Direct::Empty => break,
+                        Direct::Runt(len) => {
+                            log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
+                            continue;
+                        }
+                        Direct::Failed(e) => {
+                            log::error!("virtio-net: cannot read from TAP {}: {e}", tap.name());
+                            break;
+                        }
+                        Direct::TooLittleRoom => {}
+                    }
+                }
                 let len = match self.rx_pending.take() {
                     Some(len) => len,
                     None => match self.tap.read(&mut self.rx_frame) {

@@ -7,14 +7,15 @@
 //! never needs to be taken back half-written.
 
 use std::collections::VecDeque;
+use std::io;
 use std::mem::offset_of;
 
 use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::VNET_HDR_LEN;
-use crate::virtio::add_used_batch;
+use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::virtio::{add_used_batch, IOV_MAX};
 
 /// Descriptors one RX chain may have. Linux uses 1 (mergeable buffers) or about 20 (big packets).
 pub const MAX_RX_DESCRIPTORS: usize = 64;
@@ -44,6 +45,20 @@ pub enum Delivery {
     NoRoom,
     /// The frame can never fit the buffers this driver gives: dropped.
     Dropped,
+}
+
+/// What became of a direct read from the TAP.
+#[derive(Debug)]
+pub enum Direct {
+    /// A frame is in the guest's buffers, and in the used ring.
+    Received,
+    /// The buffers held cannot take a frame of the largest size: nothing was read.
+    TooLittleRoom,
+    /// Nothing to read.
+    Empty,
+    /// A frame too short for its vnet header (no TAP sends one): dropped, buffers kept.
+    Runt(usize),
+    Failed(io::Error),
 }
 
 /// One RX chain, checked: its writable segments in order.
@@ -91,6 +106,30 @@ impl RxBuffer {
             segments,
             capacity,
         })
+    }
+
+    /// Writes `bytes` at `offset` bytes into the buffer, across segments.
+    fn write_at(&self, mem: &GuestMemoryMmap, mut offset: usize, bytes: &[u8]) {
+        let mut done = 0;
+        for &(addr, len) in &self.segments {
+            let len = len as usize;
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = (len - offset).min(bytes.len() - done);
+            if let Err(e) =
+                mem.write_slice(&bytes[done..done + n], GuestAddress(addr.0 + offset as u64))
+            {
+                log::error!("virtio-net: cannot write an RX buffer: {e}");
+                return;
+            }
+            done += n;
+            offset = 0;
+            if done == bytes.len() {
+                return;
+            }
+        }
     }
 
     /// Fills the buffer from the start of `bytes`; returns how many bytes it took.
@@ -148,6 +187,75 @@ impl RxBuffers {
     /// Forgets every buffer (device reset).
     pub fn clear(&mut self) {
         self.buffers.clear();
+    }
+
+    /// Reads one frame with `read` straight into the held buffers, when they can take the largest
+    /// frame there is: the TAP would cut a frame that does not fit, and the rest of it would be
+    /// lost. Otherwise says [`Direct::TooLittleRoom`] and leaves everything as it was; the caller
+    /// then reads into a frame buffer of its own and uses [`RxBuffers::deliver`].
+    pub fn receive_direct(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        mergeable: bool,
+        read: impl FnOnce(&[libc::iovec]) -> io::Result<usize>,
+    ) -> Direct {
+        let usable = if mergeable { self.buffers.len() } else { 1 };
+        let mut iov = Vec::new();
+        let mut room = 0;
+        for b in self.buffers.iter().take(usable) {
+            if room >= MAX_FRAME_LEN {
+                break;
+            }
+            for &(addr, len) in &b.segments {
+                // Checked against guest memory when the chain was taken.
+                let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) else {
+                    return Direct::TooLittleRoom;
+                };
+                for slice in slices {
+                    let Ok(slice) = slice else {
+                        return Direct::TooLittleRoom;
+                    };
+                    let guard = slice.ptr_guard_mut();
+                    iov.push(libc::iovec {
+                        iov_base: guard.as_ptr().cast(),
+                        iov_len: guard.len(),
+                    });
+                }
+            }
+            room += b.capacity;
+        }
+        if room < MAX_FRAME_LEN || iov.len() > IOV_MAX {
+            return Direct::TooLittleRoom;
+        }
+        let len = match read(&iov) {
+            Ok(0) => return Direct::Empty,
+            Ok(len) if len < VNET_HDR_LEN => return Direct::Runt(len),
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Direct::Empty,
+            Err(e) => return Direct::Failed(e),
+        };
+        let mut used = Vec::new();
+        let mut rest = len;
+        while rest > 0 {
+            let Some(b) = self.buffers.pop_front() else {
+                break;
+            };
+            let n = rest.min(b.capacity);
+            rest -= n;
+            // n <= MAX_FRAME_LEN.
+            used.push((b, n as u32));
+        }
+        let count = u16::try_from(used.len()).unwrap_or(u16::MAX);
+        used[0].0.write_at(mem, NUM_BUFFERS, &count.to_le_bytes());
+        let entries: Vec<(u16, u32)> = used.iter().map(|(b, n)| (b.head, *n)).collect();
+        if let Err(e) = add_used_batch(mem, queue, &entries) {
+            log::warn!(
+                "virtio-net: cannot complete {} RX chains: {e}",
+                entries.len()
+            );
+        }
+        Direct::Received
     }
 
     /// Copies `frame` (vnet header first) into the buffers and completes them. Sets the header's
@@ -309,6 +417,75 @@ mod tests {
         for (i, head) in [0, 2, 3].into_iter().enumerate() {
             assert_eq!(used_entry(&vq, i as u16), (head, 0));
         }
+    }
+
+    /// A read that writes `frame` across the iovecs, as readv does.
+    fn reader(frame: &[u8]) -> impl FnOnce(&[libc::iovec]) -> io::Result<usize> + '_ {
+        move |iov| {
+            let mut done = 0;
+            for v in iov {
+                let n = v.iov_len.min(frame.len() - done);
+                // SAFETY: receive_direct made each iovec from live guest memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(frame[done..].as_ptr(), v.iov_base.cast(), n)
+                };
+                done += n;
+            }
+            Ok(done)
+        }
+    }
+
+    #[test]
+    fn direct_read_fills_buffers_in_order_and_completes_only_those_used() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
+        // 40 buffers of 2 KiB: room for the largest frame (64 KiB and headers).
+        for i in 0..40 {
+            add_chain(&vq, i, &[w(0x10_0000 + u64::from(i) * 0x1000, 2048)]);
+        }
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        rx.refill(&mem, &mut q);
+
+        let f = frame(5000);
+        let got = rx.receive_direct(&mem, &mut q, true, reader(&f));
+        assert!(matches!(got, Direct::Received), "{got:?}");
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(used_entry(&vq, 0), (0, 2048));
+        assert_eq!(used_entry(&vq, 2), (2, 904));
+        assert_eq!(rx.len(), 37);
+        let mut back = read(&mem, 0x10_0000, 2048);
+        back.extend(read(&mem, 0x10_1000, 2048));
+        back.extend(read(&mem, 0x10_2000, 904));
+        assert_eq!(&back[NUM_BUFFERS..NUM_BUFFERS + 2], &[3, 0]);
+        assert_eq!(back[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+
+        // Nothing waiting: nothing used.
+        let empty = |_: &[libc::iovec]| Err(io::ErrorKind::WouldBlock.into());
+        assert!(matches!(
+            rx.receive_direct(&mem, &mut q, true, empty),
+            Direct::Empty
+        ));
+        assert_eq!(vq.used().idx().load(), 3);
+
+        let f = frame(2048 * 5);
+        assert!(matches!(
+            rx.receive_direct(&mem, &mut q, true, reader(&f)),
+            Direct::Received
+        ));
+        // 32 buffers, 64 KiB, are a little less than the largest frame needs: no read at all.
+        assert_eq!(rx.len(), 32);
+        let never =
+            |_: &[libc::iovec]| -> io::Result<usize> { panic!("read with too little room") };
+        assert!(matches!(
+            rx.receive_direct(&mem, &mut q, true, never),
+            Direct::TooLittleRoom
+        ));
+        // Without mergeable buffers only the first chain counts, and 2 KiB is not enough.
+        assert!(matches!(
+            rx.receive_direct(&mem, &mut q, false, never),
+            Direct::TooLittleRoom
+        ));
     }
 
     #[test]

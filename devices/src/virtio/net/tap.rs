@@ -126,6 +126,20 @@ impl Tap {
         (&self.file).read(buf)
     }
 
+    /// Reads one frame into pieces, in order; `WouldBlock` when none is waiting. A frame longer
+    /// than the pieces is cut, so callers pass room for the largest.
+    pub fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the kernel writes only inside the buffers the iovecs describe, which the caller
+        // guarantees are mapped and its own to fill; the fd is ours.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     /// Writes one frame given in pieces (vnet header first), each a buffer the caller keeps
     /// mapped for the call.
     pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
