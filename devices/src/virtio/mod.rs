@@ -17,15 +17,16 @@
 //!
 //! vCPU threads only touch registers: the transport locks the device for config space, features and
 //! the status handshake. All queue work happens on an event-manager thread (nvmm gives each device
-//! its own), in the device's `event_handler.rs`. A subscriber registers its queue eventfds (and, for net, the TAP fd) once, in
-//! `init()`, whatever the device state; events that arrive while the device is not activated are
-//! drained and ignored. When the driver writes DRIVER_OK, the transport hands the queues to
+//! its own), in the device's `event_handler.rs`. A subscriber registers its queue eventfds (and,
+//! for net, the TAP fd) once, in `init()`, whatever the device state; events that arrive while the
+//! device is not activated are drained and ignored. When the driver writes DRIVER_OK, the transport hands the queues to
 //! [`VirtioDevice::activate`] (under the same mutex the event loop takes), and the device kicks its
 //! own queue eventfds so that the event loop looks at the queues once right away. A reset (status 0)
 //! calls [`VirtioDevice::reset`], which drops the queues; later events are ignored again.
 
 pub mod block;
 mod interrupt;
+mod iovec;
 pub mod mmio;
 pub mod net;
 mod ring;
@@ -42,14 +43,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockConfig, BlockError};
 pub use interrupt::{Interrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
+pub(crate) use iovec::{advance, push_guest_iovecs, IOV_MAX};
 pub use mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 pub use net::{parse_mac, Net, NetConfig, NetError};
 pub(crate) use ring::{
     add_used_batch, complete_chains, drain_queue, keep_going, mute, needs_interrupt, unmute,
 };
-
-/// The most iovecs one readv/writev-family call takes (Linux's UIO_MAXIOV).
-pub(crate) const IOV_MAX: usize = 1024;
 
 /// Features every device here offers: modern virtio only, indirect descriptor tables (walked by
 /// virtio-queue's `DescriptorChain`) and event indexes, which let both sides skip most notifications

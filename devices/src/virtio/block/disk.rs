@@ -6,11 +6,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap, Permissions};
 use vmm_sys_util::write_zeroes::{PunchHole, WriteZeroesAt};
 
 use super::{BlockError, ID_BYTES, SECTOR_SIZE};
-use crate::virtio::IOV_MAX;
+use crate::virtio::{advance, push_guest_iovecs, IOV_MAX};
 
 /// Errors from I/O on the image. Offsets and lengths are in bytes.
 #[derive(Debug, thiserror::Error)]
@@ -56,22 +56,6 @@ impl Direction {
             Direction::ToDisk => "write",
         }
     }
-}
-
-/// Drops the first `done` bytes from `iov`: whole iovecs, then the front of a partial one.
-fn advance(iov: &mut [libc::iovec], mut done: usize) -> &mut [libc::iovec] {
-    let mut first = 0;
-    while first < iov.len() && done >= iov[first].iov_len {
-        done -= iov[first].iov_len;
-        first += 1;
-    }
-    let rest = &mut iov[first..];
-    if let Some(partial) = rest.first_mut() {
-        // SAFETY: done < iov_len, so the pointer stays inside the same buffer.
-        partial.iov_base = unsafe { partial.iov_base.cast::<u8>().add(done) }.cast();
-        partial.iov_len -= done;
-    }
-    rest
 }
 
 /// An open disk image. Callers check ranges against [`Disk::size`] before any I/O.
@@ -180,32 +164,23 @@ impl Disk {
             Direction::ToGuest => Permissions::Write,
             Direction::ToDisk => Permissions::Read,
         };
-        let mut guards = Vec::with_capacity(segments.len());
+        let mut iovecs = Vec::with_capacity(segments.len());
         for &(addr, len) in segments {
-            let bad = |err| DiskError::Buffer {
-                addr: addr.0,
-                len,
-                err,
-            };
-            // A buffer may span memory regions: one iovec per piece.
-            for slice in mem.get_slices(addr, len as usize, access).map_err(bad)? {
-                guards.push(slice.map_err(bad)?.ptr_guard_mut());
-            }
+            push_guest_iovecs(mem, addr, len as usize, access, &mut iovecs).map_err(|err| {
+                DiskError::Buffer {
+                    addr: addr.0,
+                    len,
+                    err,
+                }
+            })?;
         }
-        let mut iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .map(|g| libc::iovec {
-                iov_base: g.as_ptr().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
         let mut iov = &mut iovecs[..];
         let fd = self.file.as_raw_fd();
         while !iov.is_empty() {
             let count = iov.len().min(IOV_MAX) as libc::c_int;
             let at = offset as libc::off_t;
-            // SAFETY: every iovec covers guest memory that the guards above keep mapped for the
-            // call; the kernel writes only inside them (reads) or only reads them (writes).
+            // SAFETY: every iovec covers guest memory, which `mem` keeps mapped for the call; the
+            // kernel writes only inside them (reads) or only reads them (writes).
             let done = unsafe {
                 match direction {
                     Direction::ToGuest => libc::preadv(fd, iov.as_ptr(), count, at),
@@ -330,24 +305,6 @@ mod tests {
         tmp.as_file().set_len(512).unwrap();
         let e = disk.read_to_guest(&mem, &back, 4096).unwrap_err();
         assert!(matches!(e, DiskError::Io { op: "read", .. }), "{e}");
-    }
-
-    #[test]
-    fn advance_skips_whole_and_partial_iovecs() {
-        let mut bufs = [[0u8; 10]; 3];
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let base1 = iov[1].iov_base as usize;
-        let rest = advance(&mut iov, 14);
-        assert_eq!(rest.len(), 2);
-        assert_eq!(rest[0].iov_base as usize, base1 + 4);
-        assert_eq!(rest[0].iov_len, 6);
-        assert_eq!(advance(rest, 16).len(), 0);
     }
 
     #[test]

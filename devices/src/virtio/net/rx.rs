@@ -15,7 +15,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
-use crate::virtio::{add_used_batch, IOV_MAX};
+use crate::virtio::{add_used_batch, push_guest_iovecs, IOV_MAX};
 
 /// Descriptors one RX chain may have. Linux uses 1 (mergeable buffers) or about 20 (big packets).
 pub const MAX_RX_DESCRIPTORS: usize = 64;
@@ -108,8 +108,9 @@ impl RxBuffer {
         })
     }
 
-    /// Writes `bytes` at `offset` bytes into the buffer, across segments.
-    fn write_at(&self, mem: &GuestMemoryMmap, mut offset: usize, bytes: &[u8]) {
+    /// Writes as much of `bytes` as fits from `offset` bytes into the buffer, across segments;
+    /// returns how many bytes it wrote.
+    fn write_at(&self, mem: &GuestMemoryMmap, mut offset: usize, bytes: &[u8]) -> usize {
         let mut done = 0;
         for &(addr, len) in &self.segments {
             let len = len as usize;
@@ -118,34 +119,17 @@ impl RxBuffer {
                 continue;
             }
             let n = (len - offset).min(bytes.len() - done);
-            if let Err(e) =
-                mem.write_slice(&bytes[done..done + n], GuestAddress(addr.0 + offset as u64))
-            {
-                log::error!("virtio-net: cannot write an RX buffer: {e}");
-                return;
-            }
-            done += n;
-            offset = 0;
-            if done == bytes.len() {
-                return;
-            }
-        }
-    }
-
-    /// Fills the buffer from the start of `bytes`; returns how many bytes it took.
-    fn write(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> usize {
-        let mut done = 0;
-        for &(addr, len) in &self.segments {
-            let n = (len as usize).min(bytes.len() - done);
             if n == 0 {
                 break;
             }
             // Checked against guest memory when the chain was taken; memory does not shrink.
-            if let Err(e) = mem.write_slice(&bytes[done..done + n], addr) {
+            let at = GuestAddress(addr.0 + offset as u64);
+            if let Err(e) = mem.write_slice(&bytes[done..done + n], at) {
                 log::error!("virtio-net: cannot write an RX buffer: {e}");
                 break;
             }
             done += n;
+            offset = 0;
         }
         done
     }
@@ -209,18 +193,9 @@ impl RxBuffers {
             }
             for &(addr, len) in &b.segments {
                 // Checked against guest memory when the chain was taken.
-                let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) else {
+                if push_guest_iovecs(mem, addr, len as usize, Permissions::Write, &mut iov).is_err()
+                {
                     return Direct::TooLittleRoom;
-                };
-                for slice in slices {
-                    let Ok(slice) = slice else {
-                        return Direct::TooLittleRoom;
-                    };
-                    let guard = slice.ptr_guard_mut();
-                    iov.push(libc::iovec {
-                        iov_base: guard.as_ptr().cast(),
-                        iov_len: guard.len(),
-                    });
                 }
             }
             room += b.capacity;
@@ -305,7 +280,7 @@ impl RxBuffers {
             let Some(buffer) = self.buffers.pop_front() else {
                 break;
             };
-            let n = buffer.write(mem, rest);
+            let n = buffer.write_at(mem, 0, rest);
             rest = &rest[n..];
             // n <= frame length <= MAX_FRAME_LEN.
             used.push((buffer.head, u32::try_from(n).unwrap_or(u32::MAX)));

@@ -127,27 +127,28 @@ impl Tap {
     }
 
     /// Reads one frame into pieces, in order; `WouldBlock` when none is waiting. A frame longer
-    /// than the pieces is cut, so callers pass room for the largest.
+    /// than the pieces is cut, so callers pass room for the largest. The pieces must be mapped
+    /// and the caller's to fill.
     pub fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let count = libc::c_int::try_from(iov.len())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the kernel writes only inside the buffers the iovecs describe, which the caller
-        // guarantees are mapped and its own to fill; the fd is ours.
-        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), count) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        self.vectored(libc::readv, iov)
     }
 
     /// Writes one frame given in pieces (vnet header first), each a buffer the caller keeps
     /// mapped for the call.
     pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        let count = libc::c_int::try_from(iov.len())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the kernel only reads the iovecs and the buffers they describe, which the caller
-        // guarantees are mapped; the fd is ours.
-        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        self.vectored(libc::writev, iov)
+    }
+
+    fn vectored(
+        &self,
+        call: unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t,
+        iov: &[libc::iovec],
+    ) -> io::Result<usize> {
+        let count =
+            c_int::try_from(iov.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the kernel touches only the iovecs and the buffers they describe, which the
+        // callers above require to be mapped (and writable for readv); the fd is ours.
+        let n = unsafe { call(self.file.as_raw_fd(), iov.as_ptr(), count) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

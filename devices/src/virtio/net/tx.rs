@@ -2,10 +2,10 @@
 //! in one writev straight from the guest's buffers, with no copy of its own.
 
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestMemoryError, GuestMemoryMmap, Permissions};
 
 use super::{ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
-use crate::virtio::{complete_chains, IOV_MAX};
+use crate::virtio::{complete_chains, push_guest_iovecs, IOV_MAX};
 
 /// Why a TX chain was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -58,18 +58,16 @@ pub fn gather_frame(
             .checked_add(desc.len() as usize)
             .filter(|&l| l <= MAX_FRAME_LEN)
             .ok_or(TxError::TooLong)?;
-        let slices = mem
-            .get_slices(desc.addr(), desc.len() as usize, Permissions::Read)
-            .map_err(TxError::Memory)?;
-        for slice in slices {
-            let guard = slice.map_err(TxError::Memory)?.ptr_guard();
-            if out.iov.len() == IOV_MAX {
-                return Err(TxError::TooManyPieces);
-            }
-            out.iov.push(libc::iovec {
-                iov_base: guard.as_ptr().cast_mut().cast(),
-                iov_len: guard.len(),
-            });
+        push_guest_iovecs(
+            mem,
+            desc.addr(),
+            desc.len() as usize,
+            Permissions::Read,
+            &mut out.iov,
+        )
+        .map_err(TxError::Memory)?;
+        if out.iov.len() > IOV_MAX {
+            return Err(TxError::TooManyPieces);
         }
         last = Some(desc);
     }
