@@ -274,7 +274,7 @@ fn hlt_delay(wrmsr_cycles: Option<f64>, tsc_khz: u32) -> u64 {
     let floor = 20 * u64::from(tsc_khz) / 1000;
     match wrmsr_cycles {
         Some(c) => ((8.0 * c) as u64).max(floor),
-        None => 1000 * u64::from(tsc_khz) / 1000,
+        None => u64::from(tsc_khz), // 1 ms
     }
 }
 
