@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 
-use exits::{Cpl, PhaseResult, Runner};
+use exits::{Cpl, Runner};
 use guest::{Hypercall, Kind};
 use report::{Baseline, Cpu, Figures, HandledIn, Report, Row};
 use stats::Summary;
@@ -203,14 +203,12 @@ fn measure(host: &Host, choice: CplChoice, iterations: u32, hypercall: Hypercall
     // The raw (loop cost included) wrmsr median at each CPL: hlt-irq's timer must fire well after
     // its arming wrmsr and the hlt exit (see `guest::hlt_routine`).
     let mut wrmsr_cycles: BTreeMap<Cpl, f64> = BTreeMap::new();
+    // The loop's own cost at each CPL: timed again just before every row, and the lowest median
+    // is the one subtracted. Timed once only, a loop that ran while the host was busy read more
+    // than an emulated rdmsr on a quiet host, and the row came out 0.
     let mut baselines: BTreeMap<Cpl, Summary> = BTreeMap::new();
-    for cpl in steps.iter().filter_map(|s| s.cpl.ok()) {
-        if let std::collections::btree_map::Entry::Vacant(slot) = baselines.entry(cpl) {
-            let mut loop_run = runner.run(Kind::Loop, cpl)?;
-            slot.insert(Summary::of(&mut loop_run.samples).unwrap_or(Summary { median: 0.0, p99: 0.0, min: 0.0 }));
-        }
-    }
-    let mut rows = Vec::new();
+    // Each row with its raw figures, the loop cost subtracted once every loop has been timed.
+    let mut measured: Vec<(Row, Option<Cpl>, Option<Summary>)> = Vec::new();
     for step in &steps {
         let (what, handled_in) = report::describe(step.kind, hypercall);
         let cpl = match step.cpl {
@@ -220,12 +218,13 @@ fn measure(host: &Host, choice: CplChoice, iterations: u32, hypercall: Hypercall
         let cpl = match cpl {
             Ok(cpl) => cpl,
             Err(why) => {
-                rows.push(Row { name: step.kind.name(), what, handled_in, cpl: None, emulated: false, figures: None, exits_per_iteration: None, note: Some(why.into()) });
+                let row = Row { name: step.kind.name(), what, handled_in, cpl: None, emulated: false, figures: None, exits_per_iteration: None, note: Some(why.into()) };
+                measured.push((row, None, None));
                 continue;
             }
         };
+        time_loop(&mut runner, cpl, &mut baselines)?;
         let emulated = pvm && cpl == Cpl::Zero;
-        let base = baselines.get(&cpl).map(|b| b.median).unwrap_or(0.0);
         if step.kind == Kind::HltIrq {
             runner.set_hlt_delay(hlt_delay(wrmsr_cycles.get(&cpl).copied(), tsc_khz));
         }
@@ -241,13 +240,21 @@ fn measure(host: &Host, choice: CplChoice, iterations: u32, hypercall: Hypercall
         if let (Kind::Wrmsr, Some(s)) = (step.kind, summary) {
             wrmsr_cycles.insert(cpl, s.median);
         }
-        let figures = summary.map(|s| Figures::new(s.minus(base), tsc_khz));
         let note = row_note(step.kind, cpl, emulated, per_iteration, early);
-        rows.push(Row { name: step.kind.name(), what, handled_in, cpl: Some(cpl.number()), emulated, figures, exits_per_iteration: per_iteration, note });
-        if let Some(row) = host_view(&mut result, cpl, emulated, base, tsc_khz) {
-            rows.push(row);
+        let row = Row { name: step.kind.name(), what, handled_in, cpl: Some(cpl.number()), emulated, figures: None, exits_per_iteration: per_iteration, note };
+        measured.push((row, Some(cpl), summary));
+        if let Some(host) = result.host.as_mut() {
+            measured.push((host_view(cpl, emulated), Some(cpl), Summary::of(host)));
         }
     }
+    let rows = measured
+        .into_iter()
+        .map(|(mut row, cpl, raw)| {
+            let base = cpl.and_then(|c| baselines.get(&c)).map(|b| b.median).unwrap_or(0.0);
+            row.figures = raw.map(|s| Figures::new(s.minus(base), tsc_khz));
+            row
+        })
+        .collect();
     Ok(Report {
         vmm: "nvmm".into(),
         layer_name: report::layer_name(&host.layer),
@@ -280,19 +287,26 @@ fn hlt_delay(wrmsr_cycles: Option<f64>, tsc_khz: u32) -> u64 {
 
 /// The userspace port I/O exit as nvmm saw it: from one KVM_RUN return to the next. Between the two
 /// the guest ran one loop iteration besides the exit, so the loop cost is subtracted here too.
-fn host_view(result: &mut PhaseResult, cpl: Cpl, emulated: bool, base: f64, tsc_khz: u32) -> Option<Row> {
-    let host = result.host.as_mut()?;
-    let figures = Summary::of(host).map(|s| Figures::new(s.minus(base), tsc_khz));
-    Some(Row {
+fn host_view(cpl: Cpl, emulated: bool) -> Row {
+    Row {
         name: report::HOST_VIEW,
         what: "pio-user timed by nvmm: KVM_RUN return to KVM_RUN return".into(),
         handled_in: HandledIn::Userspace,
         cpl: Some(cpl.number()),
         emulated,
-        figures,
+        figures: None,
         exits_per_iteration: None,
         note: None,
-    })
+    }
+}
+
+/// Times the measurement loop at `cpl` and keeps, per CPL, the run with the lowest median.
+fn time_loop(runner: &mut Runner, cpl: Cpl, baselines: &mut BTreeMap<Cpl, Summary>) -> Result<(), Error> {
+    let mut run = runner.run(Kind::Loop, cpl)?;
+    if let Some(s) = Summary::of(&mut run.samples) {
+        baselines.entry(cpl).and_modify(|b| if s.median < b.median { *b = s }).or_insert(s);
+    }
+    Ok(())
 }
 
 /// What a row's reader must know: emulation, exits that did not reach this KVM, odd counts, and

@@ -41,7 +41,8 @@ impl Figures {
     }
 }
 
-/// The measurement loop's own cost at one CPL, subtracted from every row measured there.
+/// The measurement loop's own cost at one CPL (the quietest of its runs, one before each row),
+/// subtracted from every row measured there.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Baseline {
     pub cpl: u8,
