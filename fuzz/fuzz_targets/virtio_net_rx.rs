@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nvmm_devices::virtio::net::rx::{Delivery, Direct, RxBuffers};
+use nvmm_devices::virtio::net::rx::{Delivery, RxBuffers, TapRead};
 use nvmm_devices::virtio::net::MAX_FRAME_LEN;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(iov.iter().map(|v| v.iov_len).sum::<usize>() >= MAX_FRAME_LEN);
                 Ok(len)
             });
-            if !matches!(got, Direct::Received) {
+            if !matches!(got, Some(TapRead::Frame(_))) {
                 break;
             }
         }

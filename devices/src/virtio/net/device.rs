@@ -16,9 +16,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::rx::{Delivery, Direct, RxBuffers};
+use super::rx::{Delivery, RxBuffers, TapRead};
 use super::tap::Tap;
-use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
+use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::{
     keep_going, mute, needs_interrupt, unmute, ActivateError, Interrupt, VirtioDevice,
     COMMON_FEATURES,
@@ -158,50 +158,36 @@ impl Net {
             notify |= self.rx_buffers.refill(&active.mem, &mut active.rx);
             let progress = active.rx.next_avail() != from;
             loop {
-                // Straight into the guest's buffers when they have room for any frame.
-                if self.rx_pending.is_none() {
-                    let tap = &self.tap;
-                    match self.rx_buffers.receive_direct(
+                // Straight into the guest's buffers when they have room for any frame; otherwise
+                // through rx_frame, where a frame can wait for buffers.
+                let tap = &self.tap;
+                let (read, direct) = match self.rx_pending.take() {
+                    Some(len) => (TapRead::Frame(len), false),
+                    None => match self.rx_buffers.receive_direct(
                         &active.mem,
                         &mut active.rx,
                         active.mergeable,
                         |iov| tap.readv(iov),
                     ) {
-                        Direct::Received => {
-                            notify = true;
-                            continue;
-                        }
-                        Direct::Empty => break,
-                        Direct::Runt(len) => {
-                            log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
-                            continue;
-                        }
-                        Direct::Failed(e) => {
-                            log::error!("virtio-net: cannot read from TAP {}: {e}", tap.name());
-                            break;
-                        }
-                        Direct::TooLittleRoom => {}
-                    }
-                }
-                let len = match self.rx_pending.take() {
-                    Some(len) => len,
-                    None => match self.tap.read(&mut self.rx_frame) {
-                        Ok(0) => break,
-                        Ok(len) if len >= VNET_HDR_LEN => len,
-                        // Cannot come from a TAP with a vnet header; skip it.
-                        Ok(len) => {
-                            log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
-                            continue;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            log::error!(
-                                "virtio-net: cannot read from TAP {}: {e}",
-                                self.tap.name()
-                            );
-                            break;
-                        }
+                        Some(read) => (read, true),
+                        None => (TapRead::from(tap.read(&mut self.rx_frame)), false),
                     },
+                };
+                let len = match read {
+                    TapRead::Frame(_) if direct => {
+                        notify = true;
+                        continue;
+                    }
+                    TapRead::Frame(len) => len,
+                    TapRead::Empty => break,
+                    TapRead::Runt(len) => {
+                        log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
+                        continue;
+                    }
+                    TapRead::Failed(e) => {
+                        log::error!("virtio-net: cannot read from TAP {}: {e}", tap.name());
+                        break;
+                    }
                 };
                 let frame = &mut self.rx_frame[..len];
                 match self

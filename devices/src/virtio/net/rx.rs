@@ -47,18 +47,28 @@ pub enum Delivery {
     Dropped,
 }
 
-/// What became of a direct read from the TAP.
+/// What one read from the TAP gave, whichever buffer it went into.
 #[derive(Debug)]
-pub enum Direct {
-    /// A frame is in the guest's buffers, and in the used ring.
-    Received,
-    /// The buffers held cannot take a frame of the largest size: nothing was read.
-    TooLittleRoom,
+pub enum TapRead {
+    /// A frame of this many bytes, vnet header included.
+    Frame(usize),
     /// Nothing to read.
     Empty,
-    /// A frame too short for its vnet header (no TAP sends one): dropped, buffers kept.
+    /// A frame too short for its vnet header (no TAP sends one): to be dropped.
     Runt(usize),
     Failed(io::Error),
+}
+
+impl From<io::Result<usize>> for TapRead {
+    fn from(read: io::Result<usize>) -> TapRead {
+        match read {
+            Ok(0) => TapRead::Empty,
+            Ok(len) if len < VNET_HDR_LEN => TapRead::Runt(len),
+            Ok(len) => TapRead::Frame(len),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => TapRead::Empty,
+            Err(e) => TapRead::Failed(e),
+        }
+    }
 }
 
 /// One RX chain, checked: its writable segments in order.
@@ -175,15 +185,16 @@ impl RxBuffers {
 
     /// Reads one frame with `read` straight into the held buffers, when they can take the largest
     /// frame there is: the TAP would cut a frame that does not fit, and the rest of it would be
-    /// lost. Otherwise says [`Direct::TooLittleRoom`] and leaves everything as it was; the caller
-    /// then reads into a frame buffer of its own and uses [`RxBuffers::deliver`].
+    /// lost. Otherwise returns `None` and leaves everything as it was; the caller then reads into
+    /// a frame buffer of its own and uses [`RxBuffers::deliver`]. A [`TapRead::Frame`] is in the
+    /// guest's buffers and in the used ring; a runt leaves the buffers held.
     pub fn receive_direct(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
         mergeable: bool,
         read: impl FnOnce(&[libc::iovec]) -> io::Result<usize>,
-    ) -> Direct {
+    ) -> Option<TapRead> {
         let usable = if mergeable { self.buffers.len() } else { 1 };
         let mut iov = Vec::new();
         let mut room = 0;
@@ -195,20 +206,17 @@ impl RxBuffers {
                 // Checked against guest memory when the chain was taken.
                 if push_guest_iovecs(mem, addr, len as usize, Permissions::Write, &mut iov).is_err()
                 {
-                    return Direct::TooLittleRoom;
+                    return None;
                 }
             }
             room += b.capacity;
         }
         if room < MAX_FRAME_LEN || iov.len() > IOV_MAX {
-            return Direct::TooLittleRoom;
+            return None;
         }
-        let len = match read(&iov) {
-            Ok(0) => return Direct::Empty,
-            Ok(len) if len < VNET_HDR_LEN => return Direct::Runt(len),
-            Ok(len) => len,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Direct::Empty,
-            Err(e) => return Direct::Failed(e),
+        let len = match TapRead::from(read(&iov)) {
+            TapRead::Frame(len) => len,
+            other => return Some(other),
         };
         let mut used = Vec::new();
         let mut rest = len;
@@ -230,7 +238,7 @@ impl RxBuffers {
                 entries.len()
             );
         }
-        Direct::Received
+        Some(TapRead::Frame(len))
     }
 
     /// Copies `frame` (vnet header first) into the buffers and completes them. Sets the header's
@@ -424,7 +432,7 @@ mod tests {
 
         let f = frame(5000);
         let got = rx.receive_direct(&mem, &mut q, true, reader(&f));
-        assert!(matches!(got, Direct::Received), "{got:?}");
+        assert!(matches!(got, Some(TapRead::Frame(5000))), "{got:?}");
         assert_eq!(vq.used().idx().load(), 3);
         assert_eq!(used_entry(&vq, 0), (0, 2048));
         assert_eq!(used_entry(&vq, 2), (2, 904));
@@ -439,27 +447,37 @@ mod tests {
         let empty = |_: &[libc::iovec]| Err(io::ErrorKind::WouldBlock.into());
         assert!(matches!(
             rx.receive_direct(&mem, &mut q, true, empty),
-            Direct::Empty
+            Some(TapRead::Empty)
         ));
         assert_eq!(vq.used().idx().load(), 3);
 
         let f = frame(2048 * 5);
         assert!(matches!(
             rx.receive_direct(&mem, &mut q, true, reader(&f)),
-            Direct::Received
+            Some(TapRead::Frame(10240))
         ));
         // 32 buffers, 64 KiB, are a little less than the largest frame needs: no read at all.
         assert_eq!(rx.len(), 32);
         let never =
             |_: &[libc::iovec]| -> io::Result<usize> { panic!("read with too little room") };
-        assert!(matches!(
-            rx.receive_direct(&mem, &mut q, true, never),
-            Direct::TooLittleRoom
-        ));
+        assert!(rx.receive_direct(&mem, &mut q, true, never).is_none());
         // Without mergeable buffers only the first chain counts, and 2 KiB is not enough.
+        assert!(rx.receive_direct(&mem, &mut q, false, never).is_none());
+    }
+
+    #[test]
+    fn tap_reads_are_sorted_the_same_for_both_paths() {
+        let sort = |r: io::Result<usize>| TapRead::from(r);
+        assert!(matches!(sort(Ok(0)), TapRead::Empty));
         assert!(matches!(
-            rx.receive_direct(&mem, &mut q, false, never),
-            Direct::TooLittleRoom
+            sort(Err(io::ErrorKind::WouldBlock.into())),
+            TapRead::Empty
+        ));
+        assert!(matches!(sort(Ok(VNET_HDR_LEN - 1)), TapRead::Runt(11)));
+        assert!(matches!(sort(Ok(VNET_HDR_LEN)), TapRead::Frame(12)));
+        assert!(matches!(
+            sort(Err(io::Error::from_raw_os_error(libc::EIO))),
+            TapRead::Failed(_)
         ));
     }
 
