@@ -239,12 +239,9 @@ impl Net {
             }
         });
         let progress = queue.next_avail() != from;
-        let again = progress
-            || (unmute(mem, queue, "virtio-net TX")
-                && keep_going(false, &mut self.tx_retried, "virtio-net TX"));
-        if progress {
-            self.tx_retried = false;
-        }
+        // Notifications stay off while there is progress; keep_going then clears tx_retried.
+        let again = (progress || unmute(mem, queue, "virtio-net TX"))
+            && keep_going(progress, &mut self.tx_retried, "virtio-net TX");
         if sent > 0 && needs_interrupt(mem, queue, since) {
             self.signal_used_buffer();
         }
