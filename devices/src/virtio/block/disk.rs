@@ -134,7 +134,7 @@ impl Disk {
     pub fn read_to_guest(
         &self,
         mem: &GuestMemoryMmap,
-        segments: &[(GuestAddress, u32)],
+        segments: impl IntoIterator<Item = (GuestAddress, u32)>,
         offset: u64,
     ) -> Result<(), DiskError> {
         self.transfer(mem, segments, offset, Direction::ToGuest)
@@ -144,7 +144,7 @@ impl Disk {
     pub fn write_from_guest(
         &self,
         mem: &GuestMemoryMmap,
-        segments: &[(GuestAddress, u32)],
+        segments: impl IntoIterator<Item = (GuestAddress, u32)>,
         offset: u64,
     ) -> Result<(), DiskError> {
         self.transfer(mem, segments, offset, Direction::ToDisk)
@@ -156,7 +156,7 @@ impl Disk {
     fn transfer(
         &self,
         mem: &GuestMemoryMmap,
-        segments: &[(GuestAddress, u32)],
+        segments: impl IntoIterator<Item = (GuestAddress, u32)>,
         mut offset: u64,
         direction: Direction,
     ) -> Result<(), DiskError> {
@@ -164,8 +164,9 @@ impl Disk {
             Direction::ToGuest => Permissions::Write,
             Direction::ToDisk => Permissions::Read,
         };
-        let mut iovecs = Vec::with_capacity(segments.len());
-        for &(addr, len) in segments {
+        let segments = segments.into_iter();
+        let mut iovecs = Vec::with_capacity(segments.size_hint().0);
+        for (addr, len) in segments {
             push_guest_iovecs(mem, addr, len as usize, access, &mut iovecs).map_err(|err| {
                 DiskError::Buffer {
                     addr: addr.0,
@@ -282,13 +283,13 @@ mod tests {
         let out = [(GuestAddress(0x2000), 512), (GuestAddress(0xff00), 1024)];
         mem.write_slice(&data[..512], GuestAddress(0x2000)).unwrap();
         mem.write_slice(&data[512..], GuestAddress(0xff00)).unwrap();
-        disk.write_from_guest(&mem, &out, 4096).unwrap();
+        disk.write_from_guest(&mem, out, 4096).unwrap();
         let mut on_disk = vec![0u8; 1536];
         tmp.as_file().read_exact_at(&mut on_disk, 4096).unwrap();
         assert_eq!(on_disk, data);
 
         let back = [(GuestAddress(0x1_8000), 1000), (GuestAddress(0x3000), 536)];
-        disk.read_to_guest(&mem, &back, 4096).unwrap();
+        disk.read_to_guest(&mem, back, 4096).unwrap();
         let mut got = vec![0u8; 1536];
         mem.read_slice(&mut got[..1000], GuestAddress(0x1_8000))
             .unwrap();
@@ -298,12 +299,12 @@ mod tests {
 
         // Past the end of guest memory: refused before any I/O.
         let e = disk
-            .read_to_guest(&mem, &[(GuestAddress(0x1_ff00), 512)], 0)
+            .read_to_guest(&mem, [(GuestAddress(0x1_ff00), 512)], 0)
             .unwrap_err();
         assert!(matches!(e, DiskError::Buffer { addr: 0x1_ff00, .. }), "{e}");
         // Past the end of the file (shrunk behind the device's back).
         tmp.as_file().set_len(512).unwrap();
-        let e = disk.read_to_guest(&mem, &back, 4096).unwrap_err();
+        let e = disk.read_to_guest(&mem, back, 4096).unwrap_err();
         assert!(matches!(e, DiskError::Io { op: "read", .. }), "{e}");
     }
 

@@ -194,7 +194,7 @@ fn execute(
         RequestType::In => {
             let len = sector_data_len(mem, data, request_type, true)?;
             let offset = disk_offset(disk, sector, len)?;
-            disk.read_to_guest(mem, &segments(data), offset)?;
+            disk.read_to_guest(mem, segments(data), offset)?;
             // A chain carries at most u32::MAX bytes (the chain iterator stops there).
             Ok(u32::try_from(len).unwrap_or(u32::MAX))
         }
@@ -202,7 +202,7 @@ fn execute(
             refuse_if_read_only(disk, request_type)?;
             let len = sector_data_len(mem, data, request_type, false)?;
             let offset = disk_offset(disk, sector, len)?;
-            disk.write_from_guest(mem, &segments(data), offset)?;
+            disk.write_from_guest(mem, segments(data), offset)?;
             Ok(0)
         }
         RequestType::Flush => {
@@ -227,8 +227,8 @@ fn execute(
     }
 }
 
-fn segments(data: &[Descriptor]) -> Vec<(GuestAddress, u32)> {
-    data.iter().map(|d| (d.addr(), d.len())).collect()
+fn segments(data: &[Descriptor]) -> impl Iterator<Item = (GuestAddress, u32)> + '_ {
+    data.iter().map(|d| (d.addr(), d.len()))
 }
 
 fn refuse_if_read_only(disk: &Disk, request_type: RequestType) -> Result<(), RequestError> {
