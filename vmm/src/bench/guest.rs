@@ -239,6 +239,18 @@ impl Asm {
         self.jump_back(0xeb, &[0xe9], target);
     }
 
+    /// `jb target` (backwards).
+    fn jb(&mut self, target: usize) {
+        self.jump_back(0x72, &[0x0f, 0x82], target);
+    }
+
+    /// `rdtsc; shl rdx, 32; or rax, rdx`: the whole 64-bit TSC in rax.
+    fn rdtsc64(&mut self) {
+        self.emit(&[0x0f, 0x31]); // rdtsc
+        self.emit(&[0x48, 0xc1, 0xe2, 0x20]); // shl rdx, 32
+        self.emit(&[0x48, 0x09, 0xd0]); // or rax, rdx
+    }
+
     /// `call target` (backwards, rel32).
     fn call(&mut self, target: usize) {
         let rel32 = target as i64 - (self.here() + 5) as i64;
@@ -267,11 +279,11 @@ const EBX: u8 = 3;
 const ESI: u8 = 6;
 const EDI: u8 = 7;
 
-/// Emits the measurement routine for `kind` (see the module docs for the contract).
-fn routine(a: &mut Asm, kind: Kind, hypercall: Hypercall) {
+/// Emits the measurement routine for `kind` (see the module docs for the contract). For hlt-irq,
+/// returns the offset of its hlt, which the interrupt handler needs.
+fn routine(a: &mut Asm, kind: Kind, hypercall: Hypercall) -> Option<usize> {
     if kind == Kind::HltIrq {
-        hlt_routine(a);
-        return;
+        return Some(hlt_routine(a));
     }
     let top = a.here();
     a.emit(&[0x0f, 0xae, 0xe8]); // lfence: earlier instructions finish before the TSC is read
@@ -292,7 +304,7 @@ fn routine(a: &mut Asm, kind: Kind, hypercall: Hypercall) {
             a.emit(&[0x44, 0x89, 0xd2]); // mov edx, r10d               value, high half
             a.emit(&[0x0f, 0x30]); // wrmsr                             (ecx = MSR)
         }
-        Kind::HltIrq => {} // hlt_routine
+        Kind::HltIrq => {} // returned above
         Kind::Hypercall => {
             a.mov_imm32(EAX, KVM_HC_VAPIC_POLL_IRQ); // mov eax, KVM_HC_VAPIC_POLL_IRQ
             match hypercall {
@@ -309,6 +321,7 @@ fn routine(a: &mut Asm, kind: Kind, hypercall: Hypercall) {
     a.emit(&[0x48, 0xff, 0xcf]); // dec rdi
     a.jnz(top); // jnz top
     a.emit(&[0xc3]); // ret
+    None
 }
 
 /// `hlt` woken by an interrupt: each iteration arms the LAPIC timer (TSC-deadline mode) to fire
@@ -330,9 +343,7 @@ fn hlt_routine(a: &mut Asm) -> usize {
     let top = a.here();
     a.emit(&[0x45, 0x31, 0xff]); // xor r15d, r15d                  no early wake yet
     a.emit(&[0x0f, 0xae, 0xe8]); // lfence
-    a.emit(&[0x0f, 0x31]); // rdtsc                                   t0 in edx:eax
-    a.emit(&[0x48, 0xc1, 0xe2, 0x20]); // shl rdx, 32
-    a.emit(&[0x48, 0x09, 0xd0]); // or rax, rdx                       t0 in rax
+    a.rdtsc64(); //                                                   t0 in rax
     a.emit(&[0x4c, 0x01, 0xc8]); // add rax, r9                       deadline
     a.emit(&[0x49, 0x89, 0xc0]); // mov r8, rax
     a.emit(&[0x48, 0x89, 0xc2]); // mov rdx, rax
@@ -408,9 +419,8 @@ impl Program {
         let mut hlt = 0;
         for kind in Kind::ALL {
             routines.push((kind, a.here()));
-            match kind {
-                Kind::HltIrq => hlt = hlt_routine(&mut a),
-                _ => routine(&mut a, kind, hypercall),
+            if let Some(at) = routine(&mut a, kind, hypercall) {
+                hlt = at;
             }
         }
         let irq = a.here();
@@ -679,21 +689,15 @@ fn stop(a: &mut Asm, null_idtr: usize) {
     a.emit(&[0xe6, 0x64]); // out 0x64, al
     // Wait RESET_WAIT_CYCLES for a VMM's reset to take effect: the vCPU runs on while the VMM's main
     // loop handles it, and must not fault before (a fault can be reported first).
-    a.emit(&[0x0f, 0x31]); // rdtsc
-    a.emit(&[0x48, 0xc1, 0xe2, 0x20]); // shl rdx, 32
-    a.emit(&[0x48, 0x09, 0xd0]); // or rax, rdx
+    a.rdtsc64();
     a.emit(&[0x49, 0x89, 0xc0]); // mov r8, rax                      start
     let wait = a.here();
     a.emit(&[0xf3, 0x90]); // pause
-    a.emit(&[0x0f, 0x31]); // rdtsc
-    a.emit(&[0x48, 0xc1, 0xe2, 0x20]); // shl rdx, 32
-    a.emit(&[0x48, 0x09, 0xd0]); // or rax, rdx
+    a.rdtsc64();
     a.emit(&[0x4c, 0x29, 0xc0]); // sub rax, r8                      elapsed
     a.emit(&[0x48, 0x3d]); // cmp rax, RESET_WAIT_CYCLES
     a.emit(&RESET_WAIT_CYCLES.to_le_bytes());
-    a.emit(&[0x72]); // jb wait
-    let rel = wait as i64 - (a.here() as i64 + 1);
-    a.emit(&[rel as i8 as u8]);
+    a.jb(wait); // jb wait
     a.emit(&[0x0f, 0x01, 0x1c, 0x25]); // lidt [null_idtr]
     a.emit(&Asm::abs32(a.addr(null_idtr)));
     // A load from a non-canonical address: #GP, which with no IDT becomes a triple fault. (Not
