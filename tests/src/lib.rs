@@ -70,6 +70,40 @@ pub fn nvmm_bin() -> PathBuf {
     path
 }
 
+/// A wrapper for [`run_nvmm`]: a private mount namespace whose /dev is an empty tmpfs, so nvmm
+/// finds no /dev/kvm while the host's stays untouched.
+pub const WITHOUT_DEV: &[&str] =
+    &["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" \"$@\""];
+
+/// What nvmm says when there is no /dev/kvm at all.
+pub const NO_DEV_KVM: &str = "nvmm: error: /dev/kvm not found: load kvm_intel or kvm_amd (and enable virtualization in the firmware)";
+
+/// Runs nvmm on this host with `args`, through `wrapper` (a command and its arguments that end by
+/// running the next argument, e.g. `unshare --net --`) unless it is empty. Returns the exit status,
+/// stdout and stderr.
+pub fn run_nvmm(wrapper: &[&str], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(nvmm_bin());
+            c
+        }
+        None => Command::new(nvmm_bin()),
+    };
+    let out = cmd.args(args).output().expect("run nvmm");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Asserts that nvmm (see [`run_nvmm`]) exits with status 1 and exactly one stderr line, an error
+/// containing `expected`.
+pub fn assert_one_line_error(wrapper: &[&str], args: &[&str], expected: &str) {
+    let (code, _, stderr) = run_nvmm(wrapper, args);
+    assert_eq!(code, Some(1), "args {args:?}: stderr {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected, got: {stderr}");
+    assert!(stderr.starts_with("nvmm: error: "), "{stderr}");
+    assert!(stderr.contains(expected), "expected '{expected}' in: {stderr}");
+}
+
 /// A run to be made in the lab. Build it with the methods below, then call [`Lab::run`].
 #[derive(Debug, Clone)]
 pub struct Lab {

@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use nvmm_tests::guest::{run_cmdline, GuestImage};
-use nvmm_tests::{guest_dir, nvmm_bin, scratch_dir, Lab};
+use nvmm_tests::{assert_one_line_error, guest_dir, nvmm_bin, run_nvmm, scratch_dir, Lab, NO_DEV_KVM, WITHOUT_DEV};
 use serde_json::Value;
 
 /// Iterations per kind in the lab: enough for a median and a p99, few enough for TCG and L2.
@@ -22,11 +22,6 @@ const TOP_FIELDS: [&str; 13] = [
 ];
 const FIGURES: [&str; 6] = ["median_ns", "p99_ns", "min_ns", "median_cycles", "p99_cycles", "min_cycles"];
 const ROW_FIELDS: [&str; 7] = ["name", "what", "handled_in", "cpl", "emulated", "exits_per_iteration", "note"];
-
-fn nvmm(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(nvmm_bin()).args(args).output().expect("run nvmm");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 fn row<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["exits"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no row {name}: {report:#}"))
@@ -107,7 +102,7 @@ fn bench_line(tag: &str) -> String {
 
 #[test]
 fn host_kvm_every_kind_is_measured() {
-    let (code, stdout, stderr) = nvmm(&["bench", "exits", "--json", "--iterations", "2000"]);
+    let (code, stdout, stderr) = run_nvmm(&[], &["bench", "exits", "--json", "--iterations", "2000"]);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("JSON on stdout");
     assert_complete(&report, 2000);
@@ -128,7 +123,7 @@ fn host_kvm_every_kind_is_measured() {
 
 #[test]
 fn host_kvm_text_table_names_the_mode_and_each_row_cpl() {
-    let (code, stdout, stderr) = nvmm(&["bench", "exits", "--iterations", "500"]);
+    let (code, stdout, stderr) = run_nvmm(&[], &["bench", "exits", "--iterations", "500"]);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(stdout.starts_with("nvmm bench exits (nvmm): "), "{stdout}");
     assert!(stdout.contains("\nmode auto: "), "{stdout}");
@@ -139,7 +134,7 @@ fn host_kvm_text_table_names_the_mode_and_each_row_cpl() {
 
 #[test]
 fn host_kvm_forced_cpl3_leaves_privileged_kinds_unmeasured_with_a_reason() {
-    let (code, stdout, stderr) = nvmm(&["bench", "exits", "--json", "--iterations", "300", "--cpl", "3"]);
+    let (code, stdout, stderr) = run_nvmm(&[], &["bench", "exits", "--json", "--iterations", "300", "--cpl", "3"]);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["mode"], "cpl3");
@@ -157,12 +152,12 @@ fn host_kvm_forced_cpl3_leaves_privileged_kinds_unmeasured_with_a_reason() {
 fn host_kvm_emitted_image_runs_and_its_console_reads_back() {
     let dir = scratch_dir("bench-exits-image");
     let (elf, console) = (dir.join("exits.elf"), dir.join("console.txt"));
-    let (code, _, stderr) = nvmm(&["bench", "exits", "--iterations", "300", "--emit-guest", elf.to_str().unwrap()]);
+    let (code, _, stderr) = run_nvmm(&[], &["bench", "exits", "--iterations", "300", "--emit-guest", elf.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     let out = Command::new(nvmm_bin()).args(["--kernel", elf.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "the image ends with an i8042 reset: {}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(&console, &out.stdout).unwrap();
-    let (code, stdout, stderr) = nvmm(&["bench", "exits", "--json", "--from-console", console.to_str().unwrap(), "--vmm", "nvmm"]);
+    let (code, stdout, stderr) = run_nvmm(&[], &["bench", "exits", "--json", "--from-console", console.to_str().unwrap(), "--vmm", "nvmm"]);
     assert_eq!(code, Some(0), "{stderr}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!((report["vmm"].as_str(), report["iterations"].as_u64()), (Some("nvmm"), Some(300)));
@@ -210,45 +205,28 @@ fn lab_l2_nested_every_kind_exits_and_json_is_complete() {
 
 // ---- bad input ----
 
-/// Status 1 and exactly one stderr line, containing `expected`.
-fn assert_one_line_error(args: &[&str], expected: &str) {
-    let (code, _, stderr) = nvmm(args);
-    assert_eq!(code, Some(1), "{args:?}: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    assert!(stderr.starts_with("nvmm: error: ") && stderr.contains(expected), "expected '{expected}' in: {stderr}");
-}
-
 #[test]
 fn zero_or_absurd_iterations_are_refused_before_any_vm() {
     let msg = "--iterations must be between 1 and 10000000";
-    assert_one_line_error(&["bench", "exits", "--iterations", "0"], &format!("{msg} (got 0)"));
-    assert_one_line_error(&["bench", "exits", "--iterations", "10000001"], &format!("{msg} (got 10000001)"));
-    assert_one_line_error(&["bench", "exits", "--iterations", "99999999999999"], msg);
+    assert_one_line_error(&[], &["bench", "exits", "--iterations", "0"], &format!("{msg} (got 0)"));
+    assert_one_line_error(&[], &["bench", "exits", "--iterations", "10000001"], &format!("{msg} (got 10000001)"));
+    assert_one_line_error(&[], &["bench", "exits", "--iterations", "99999999999999"], msg);
     // Not a number: clap's own error, status 2.
-    let (code, _, stderr) = nvmm(&["bench", "exits", "--iterations", "lots"]);
+    let (code, _, stderr) = run_nvmm(&[], &["bench", "exits", "--iterations", "lots"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("invalid value 'lots' for '--iterations <N>'"), "{stderr}");
 }
 
 #[test]
 fn no_kvm_device_is_the_usual_message() {
-    // A private mount namespace with an empty /dev: the host's /dev/kvm is untouched.
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" \"$@\""])
-        .arg(nvmm_bin())
-        .args(["bench", "exits", "--iterations", "10"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "nvmm: error: /dev/kvm not found: load kvm_intel or kvm_amd (and enable virtualization in the firmware)"
-    );
+    let (code, _, stderr) = run_nvmm(WITHOUT_DEV, &["bench", "exits", "--iterations", "10"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.trim(), NO_DEV_KVM);
 }
 
 #[test]
 fn bad_paths_and_consoles_are_named() {
-    assert_one_line_error(&["bench", "exits", "--emit-guest", "/nonexistent/dir/exits.elf"], "cannot write /nonexistent/dir/exits.elf");
-    assert_one_line_error(&["bench", "exits", "--from-console", "/nonexistent/console.txt"], "cannot read /nonexistent/console.txt");
-    assert_one_line_error(&["bench", "exits", "--from-console", "/etc/passwd"], "/etc/passwd: no 'nvmm-bench-raw end' line");
+    assert_one_line_error(&[], &["bench", "exits", "--emit-guest", "/nonexistent/dir/exits.elf"], "cannot write /nonexistent/dir/exits.elf");
+    assert_one_line_error(&[], &["bench", "exits", "--from-console", "/nonexistent/console.txt"], "cannot read /nonexistent/console.txt");
+    assert_one_line_error(&[], &["bench", "exits", "--from-console", "/etc/passwd"], "/etc/passwd: no 'nvmm-bench-raw end' line");
 }

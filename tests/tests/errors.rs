@@ -2,33 +2,8 @@
 //! These run nvmm on this machine's own /dev/kvm: every check here fails before the first KVM_RUN.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use nvmm_tests::{guest_dir, nvmm_bin, scratch_dir};
-
-/// Runs nvmm with `args` (through `wrapper`, if any) and returns (status, stderr).
-fn nvmm_via(wrapper: &[&str], args: &[&str]) -> (Option<i32>, String) {
-    let bin = nvmm_bin();
-    let mut cmd = match wrapper.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(&bin);
-            c
-        }
-        None => Command::new(&bin),
-    };
-    let out = cmd.args(args).output().expect("run nvmm");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// Asserts exit status 1 and exactly one stderr line, an error containing `expected`.
-fn assert_error(wrapper: &[&str], args: &[&str], expected: &str) {
-    let (code, stderr) = nvmm_via(wrapper, args);
-    assert_eq!(code, Some(1), "args {args:?}: stderr {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line expected, got: {stderr}");
-    assert!(stderr.starts_with("nvmm: error: "), "{stderr}");
-    assert!(stderr.contains(expected), "expected '{expected}' in: {stderr}");
-}
+use nvmm_tests::{assert_one_line_error, guest_dir, run_nvmm, scratch_dir, NO_DEV_KVM, WITHOUT_DEV};
 
 fn kernel() -> String {
     guest_dir().join("bzImage").display().to_string()
@@ -47,80 +22,76 @@ fn truncated_copy(src: &Path, name: &str, keep: usize) -> PathBuf {
 
 #[test]
 fn missing_kernel() {
-    assert_error(&[], &["--kernel", "/nonexistent/bzImage"], "cannot open kernel /nonexistent/bzImage: No such file");
+    assert_one_line_error(&[], &["--kernel", "/nonexistent/bzImage"], "cannot open kernel /nonexistent/bzImage: No such file");
 }
 
 #[test]
 fn kernel_is_a_directory_or_unreadable() {
-    assert_error(&[], &["--kernel", "/etc"], "/etc");
+    assert_one_line_error(&[], &["--kernel", "/etc"], "/etc");
 }
 
 #[test]
 fn file_that_is_not_a_kernel() {
-    assert_error(&[], &["--kernel", "/etc/passwd"], "/etc/passwd is not a Linux kernel");
+    assert_one_line_error(&[], &["--kernel", "/etc/passwd"], "/etc/passwd is not a Linux kernel");
 }
 
 #[test]
 fn truncated_bzimage() {
     let len = std::fs::metadata(kernel()).unwrap().len() as usize;
     let p = truncated_copy(Path::new(&kernel()), "bzImage.half", len / 2);
-    assert_error(&[], &["--kernel", s(&p)], "is truncated");
+    assert_one_line_error(&[], &["--kernel", s(&p)], "is truncated");
 }
 
 #[test]
 fn truncated_vmlinux() {
     let p = truncated_copy(&guest_dir().join("vmlinux"), "vmlinux.head", 1 << 20);
-    assert_error(&[], &["--kernel", s(&p)], "cannot load kernel");
+    assert_one_line_error(&[], &["--kernel", s(&p)], "cannot load kernel");
 }
 
 #[test]
 fn missing_initrd() {
-    assert_error(&[], &["--kernel", &kernel(), "--initrd", "/nonexistent.cpio"], "cannot open initrd /nonexistent.cpio");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--initrd", "/nonexistent.cpio"], "cannot open initrd /nonexistent.cpio");
 }
 
 #[test]
 fn initrd_that_does_not_fit() {
     let p = scratch_dir("errors").join("big.initrd");
     std::fs::File::create(&p).unwrap().set_len(48 << 20).unwrap();
-    assert_error(&[], &["--kernel", &kernel(), "--initrd", s(&p), "--mem", "32M"], "does not fit in guest memory");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--initrd", s(&p), "--mem", "32M"], "does not fit in guest memory");
 }
 
 #[test]
 fn memory_too_small_for_the_kernel() {
     let vmlinux = guest_dir().join("vmlinux");
-    assert_error(&[], &["--kernel", s(&vmlinux), "--mem", "16M"], "more than --mem gives (16 MiB)");
+    assert_one_line_error(&[], &["--kernel", s(&vmlinux), "--mem", "16M"], "more than --mem gives (16 MiB)");
 }
 
 #[test]
 fn memory_below_the_minimum() {
-    assert_error(&[], &["--kernel", &kernel(), "--mem", "4M"], "--mem 4 MiB is too small");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--mem", "4M"], "--mem 4 MiB is too small");
 }
 
 #[test]
 fn memory_more_than_the_host_has() {
-    assert_error(&[], &["--kernel", &kernel(), "--mem", "64T"], "more than this host's");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--mem", "64T"], "more than this host's");
 }
 
 #[test]
 fn command_line_too_long() {
     let long = "x".repeat(5000);
-    assert_error(&[], &["--kernel", &kernel(), "--cmdline", &long], "kernel command line is 5000 bytes; this kernel accepts at most");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--cmdline", &long], "kernel command line is 5000 bytes; this kernel accepts at most");
 }
 
 #[test]
 fn no_kvm_device() {
-    // A private mount namespace with an empty /dev: the host's /dev/kvm is untouched.
-    let (code, stderr) = nvmm_via(
-        &["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" \"$@\""],
-        &["--kernel", &kernel()],
-    );
+    let (code, _, stderr) = run_nvmm(WITHOUT_DEV, &["--kernel", &kernel()]);
     assert_eq!(code, Some(1), "{stderr}");
-    assert_eq!(stderr.trim(), "nvmm: error: /dev/kvm not found: load kvm_intel or kvm_amd (and enable virtualization in the firmware)");
+    assert_eq!(stderr.trim(), NO_DEV_KVM);
 }
 
 #[test]
 fn no_permission_on_kvm_device() {
-    assert_error(
+    assert_one_line_error(
         &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
         &["--kernel", &kernel()],
         "no permission to open /dev/kvm: run as root or add this user to the 'kvm' group",
@@ -129,9 +100,9 @@ fn no_permission_on_kvm_device() {
 
 #[test]
 fn missing_kernel_flag_and_bad_values() {
-    assert_error(&[], &[], "--kernel is required");
+    assert_one_line_error(&[], &[], "--kernel is required");
     for args in [&["--kernel", "k", "--cpus", "0"][..], &["--kernel", "k", "--mem", "lots"], &["--kernel", "k", "--disk", "ro=on"]] {
-        let (code, stderr) = nvmm_via(&[], args);
+        let (code, _, stderr) = run_nvmm(&[], args);
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.starts_with("error: "), "{stderr}");
     }
@@ -139,12 +110,12 @@ fn missing_kernel_flag_and_bad_values() {
 
 #[test]
 fn disk_that_cannot_be_opened() {
-    assert_error(&[], &["--kernel", &kernel(), "--disk", "path=/nonexistent/disk.img"], "cannot open disk image /nonexistent/disk.img read-write: No such file");
-    assert_error(&[], &["--kernel", &kernel(), "--disk", "path=/etc"], "cannot open disk image /etc");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--disk", "path=/nonexistent/disk.img"], "cannot open disk image /nonexistent/disk.img read-write: No such file");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--disk", "path=/etc"], "cannot open disk image /etc");
 }
 
 #[test]
 fn bad_tap_name_and_mac() {
-    assert_error(&[], &["--kernel", &kernel(), "--net", "tap=averyveryverylongtapname"], "TAP name 'averyveryverylongtapname' is longer than 15 bytes");
-    assert_error(&[], &["--kernel", &kernel(), "--net", "tap=nvmmt0,mac=02:00:00:00:00"], "invalid MAC address '02:00:00:00:00'");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--net", "tap=averyveryverylongtapname"], "TAP name 'averyveryverylongtapname' is longer than 15 bytes");
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--net", "tap=nvmmt0,mac=02:00:00:00:00"], "invalid MAC address '02:00:00:00:00'");
 }

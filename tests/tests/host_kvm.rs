@@ -3,20 +3,15 @@
 
 use std::process::Command;
 
-use nvmm_tests::{nvmm_bin, scratch_dir, tiny};
+use nvmm_tests::{nvmm_bin, run_nvmm, scratch_dir, tiny};
 
 #[test]
 fn tiny_guest_runs_port_io_and_mmio_and_exits_zero_on_reset() {
     let dir = scratch_dir("tiny");
     let elf = dir.join("tiny.elf");
     tiny::write_elf(&elf);
-    let out = Command::new(nvmm_bin())
-        .args(["--kernel", elf.to_str().unwrap(), "--log-level", "info"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let (code, stdout, stderr) = run_nvmm(&[], &["--kernel", elf.to_str().unwrap(), "--log-level", "info"]);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
     // No device at the window: the MMIO reads come back as zeros, device ID '0'.
     assert_eq!(stdout, format!("{}\0\0\0\00\n", tiny::BANNER));
     assert!(stderr.contains("guest boot time:"), "{stderr}");
@@ -29,12 +24,8 @@ fn tiny_guest_reads_the_virtio_mmio_registers_of_a_disk() {
     tiny::write_elf(&elf);
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-    let out = Command::new(nvmm_bin())
-        .args(["--kernel", elf.to_str().unwrap(), "--disk", &format!("path={}", disk.display())])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let (code, stdout, stderr) = run_nvmm(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &format!("path={}", disk.display())]);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
     // Magic "virt" and device ID 2 (block), read through MMIO exits from the first window.
     assert_eq!(stdout, format!("{}virt2\n", tiny::BANNER));
 }
@@ -45,15 +36,9 @@ fn missing_tap_is_created_and_announced() {
     let elf = dir.join("tiny.elf");
     tiny::write_elf(&elf);
     // A network namespace of nvmm's own: the TAP cannot exist there beforehand, nor outlive it.
-    let out = Command::new("unshare")
-        .args(["--net", "--"])
-        .arg(nvmm_bin())
-        .args(["--kernel", elf.to_str().unwrap(), "--net", "tap=nvmmtiny0,mac=52:54:00:00:00:01"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let net = ["--kernel", elf.to_str().unwrap(), "--net", "tap=nvmmtiny0,mac=52:54:00:00:00:01"];
+    let (code, stdout, stderr) = run_nvmm(&["unshare", "--net", "--"], &net);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
     // Magic "virt" and device ID 1 (network) from the first virtio-mmio window.
     assert_eq!(stdout, format!("{}virt1\n", tiny::BANNER));
     assert_eq!(
@@ -96,23 +81,21 @@ fn vmlinux_enters_through_pvh_and_reads_start_info() {
 #[test]
 fn check_reports_this_host_honestly() {
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let out = Command::new(nvmm_bin()).arg("check").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text, _) = run_nvmm(&[], &["check"]);
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("PASS  kvm device: /dev/kvm opens read-write"), "{text}");
-    let json = Command::new(nvmm_bin()).args(["check", "--json"]).output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("check --json is JSON");
+    let (_, json, _) = run_nvmm(&[], &["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json).expect("check --json is JSON");
     for key in ["vendor", "kvm_module", "layer", "nested_ready", "checks"] {
         assert!(report.get(key).is_some(), "missing {key} in {report}");
     }
-    let nested = Command::new(nvmm_bin()).args(["--nested", "--kernel", "/nonexistent"]).output().unwrap();
-    let err = String::from_utf8_lossy(&nested.stderr);
+    let (nested_code, _, err) = run_nvmm(&[], &["--nested", "--kernel", "/nonexistent"]);
     if pvm {
         assert!(text.contains("WARN  kvm module: kvm_pvm: software KVM"), "{text}");
         assert!(text.contains("nested virtualization unavailable"), "{text}");
         assert_eq!(report["kvm_module"], "kvm_pvm");
         assert_eq!(report["nested_ready"], false);
-        assert_eq!(nested.status.code(), Some(1));
+        assert_eq!(nested_code, Some(1));
         assert_eq!(err.trim(), "nvmm: error: the host KVM is kvm_pvm, a software KVM without VMX/SVM that cannot offer nested virtualization: run nvmm --nested on a host with kvm_intel or kvm_amd");
     } else {
         // On a hardware host the same command must at least agree with the report.
