@@ -5,7 +5,7 @@
 //! must not have changed at all. A second test kills nvmm with SIGKILL after L2 has flushed a
 //! file: the file must be on the image all the same.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nvmm_tests::guest::{run_cmdline, GuestImage};
@@ -96,13 +96,24 @@ fn e2fsck(image: &Path, flags: &str) -> i32 {
     out.status.code().expect("e2fsck exited normally")
 }
 
-/// L1's part: boot L2 (/lab/bzImage, /lab/l2.cpio) with `disks` and report nvmm's status.
-fn l1_script(disks: &str) -> String {
+/// The command in L1 that boots L2 (/lab/bzImage, /lab/l2.cpio) under nvmm with `disks`.
+fn l2_command(disks: &str) -> String {
     format!(
-        "/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M {disks} --cmdline '{}' </dev/null\n\
-         echo L1-NVMM-STATUS=$?\n",
+        "/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M {disks} --cmdline '{}' </dev/null",
         run_cmdline("")
     )
+}
+
+/// L1's part: boot L2 with `disks` and report nvmm's status.
+fn l1_script(disks: &str) -> String {
+    format!("{}\necho L1-NVMM-STATUS=$?\n", l2_command(disks))
+}
+
+/// An empty directory at `path`, whatever an earlier run left there.
+fn fresh_dir(path: PathBuf) -> PathBuf {
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    path
 }
 
 /// What L2 does with the two disks. `sha256sum` lines are prefixed so the test can find them.
@@ -144,8 +155,7 @@ echo L2-DONE
 #[test]
 fn ext4_files_survive_both_ways_and_the_read_only_disk_stays_unchanged() {
     let dir = scratch_dir("virtio-block-files");
-    let tree = dir.join("tree");
-    let _ = std::fs::remove_dir_all(&tree);
+    let tree = fresh_dir(dir.join("tree"));
     let hello = b"hello from the host\n".to_vec();
     let random = pattern(0x6e76_6d6d, 3 << 20);
     let note = b"three directories down\n".to_vec();
@@ -158,9 +168,7 @@ fn ext4_files_survive_both_ways_and_the_read_only_disk_stays_unchanged() {
     let rw_image = dir.join("rw.img");
     mkfs_ext4(&rw_image, &tree, 64);
 
-    let ro_tree = dir.join("ro-tree");
-    let _ = std::fs::remove_dir_all(&ro_tree);
-    std::fs::create_dir_all(&ro_tree).unwrap();
+    let ro_tree = fresh_dir(dir.join("ro-tree"));
     let known = pattern(42, 100_000);
     std::fs::write(ro_tree.join("known.txt"), &known).unwrap();
     let ro_image = dir.join("ro.img");
@@ -276,8 +284,8 @@ while :; do
 done
 "#;
 
+/// L1's part after the command that starts L2 in the background.
 const L1_KILL: &str = r#"
-/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M --disk path=/dev/vda --cmdline 'CMDLINE' </dev/null >/tmp/l2.log 2>&1 &
 pid=$!
 i=0
 while ! grep -q 'L2-STILL-WRITING 2' /tmp/l2.log; do
@@ -295,9 +303,7 @@ sync
 #[test]
 fn data_flushed_before_a_sigkill_of_nvmm_is_on_the_image() {
     let dir = scratch_dir("virtio-block-kill");
-    let tree = dir.join("tree");
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(&tree).unwrap();
+    let tree = fresh_dir(dir.join("tree"));
     std::fs::write(tree.join("before.txt"), b"present before the run\n").unwrap();
     let image = dir.join("disk.img");
     mkfs_ext4(&image, &tree, 64);
@@ -309,7 +315,7 @@ fn data_flushed_before_a_sigkill_of_nvmm_is_on_the_image() {
         .file(guest_dir().join("bzImage"), "/lab/bzImage")
         .file(l2, "/lab/l2.cpio")
         .drive(&image)
-        .run(&L1_KILL.replace("CMDLINE", &run_cmdline("")));
+        .run(&format!("{} >/tmp/l2.log 2>&1 &{L1_KILL}", l2_command("--disk path=/dev/vda")));
 
     let flushed = run.value("L2: L2-FLUSHED");
     run.assert_marker("L2: L2-STILL-WRITING 2");
