@@ -19,10 +19,11 @@
 //! the status handshake. All queue work happens on an event-manager thread (nvmm gives each device
 //! its own), in the device's `event_handler.rs`. A subscriber registers its queue eventfds (and,
 //! for net, the TAP fd) once, in `init()`, whatever the device state; events that arrive while the
-//! device is not activated are drained and ignored. When the driver writes DRIVER_OK, the transport hands the queues to
-//! [`VirtioDevice::activate`] (under the same mutex the event loop takes), and the device kicks its
-//! own queue eventfds so that the event loop looks at the queues once right away. A reset (status 0)
-//! calls [`VirtioDevice::reset`], which drops the queues; later events are ignored again.
+//! device is not activated are drained and ignored. When the driver writes DRIVER_OK, the
+//! transport hands the queues to [`VirtioDevice::activate`] (under the same mutex the event loop
+//! takes), and the device kicks its own queue eventfds so that the event loop looks at the queues
+//! once right away. A reset (status 0) calls [`VirtioDevice::reset`], which drops the queues; later
+//! events are ignored again.
 
 pub mod block;
 mod interrupt;
