@@ -164,7 +164,7 @@ for dev in /sys/class/net/*; do
     net="$net${net:+ }${dev##*/}@$(cat "$dev/address")"
 done
 echo "DEBIAN-NET=${net:-none}"
-echo "DEBIAN-ACPI-TABLES=$(ls /sys/firmware/acpi/tables 2>/dev/null | grep -v '^dynamic$' | tr '\n' ' ')"
+echo "DEBIAN-ACPI-TABLES=$(ls /sys/firmware/acpi/tables 2>/dev/null | grep -vxE 'data|dynamic' | tr '\n' ' ')"
 if [ -c /dev/kvm ]; then echo "DEBIAN-KVM=yes"; else echo "DEBIAN-KVM=no"; fi
 if [ -x /usr/local/bin/nvmm ]; then
     /usr/local/bin/nvmm check
