@@ -66,7 +66,7 @@ cat "$tmp/extra.cpio" >> "$tmp/initrd"
 qemu=(qemu-system-x86_64 -M microvm,acpi=off -accel tcg,thread=multi -cpu EPYC,+svm,+npt
       -smp "$cpus" -m "$mem" -nographic -no-reboot -nic none
       -kernel "$GUEST_DIR/bzImage" -initrd "$tmp/initrd"
-      -append "console=ttyS0 reboot=t panic=-1 $tsc nvmm.run=/lab/run.sh $append")
+      -append "console=ttyS0 reboot=t panic=-1 acpi=off $tsc nvmm.run=/lab/run.sh $append")
 i=0
 for d in "${drives[@]}"; do
     [ -f "$d" ] || [ -b "$d" ] || fail "no such drive image: $d"

@@ -1,3 +1,4 @@
+pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
 pub mod i8042;

@@ -7,7 +7,8 @@ use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Cap;
 
-use crate::boot;
+use crate::acpi;
+use crate::boot::{self, BootExtras};
 use crate::config::VmConfig;
 use crate::cpuid;
 use crate::devices::{self, ConsoleInput, ExitWatcher, Subscriber};
@@ -33,6 +34,8 @@ pub enum Error {
     Boot(#[from] boot::Error),
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
     #[error(transparent)]
     Devices(#[from] devices::Error),
     #[error(transparent)]
@@ -66,12 +69,21 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     };
 
     let mut io = IoBuses::default();
-    let legacy = devices::setup_legacy(&vm, &mut io, start)?;
-    let (device_subscribers, cmdline) = crate::virtio::attach(&vm, &mut io, config, &guest_cmdline(config, &host))?;
+    let legacy = devices::setup_legacy(&vm, &mut io, start, config.acpi)?;
+    let virtio = crate::virtio::attach(&vm, &mut io, config)?;
 
-    boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
-    boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), initrd, config.mem_bytes)?;
+    // The MP table is always there, for kernels built without ACPI; a kernel with ACPI prefers
+    // the MADT. Devices are described once: in the DSDT, or on the command line.
     mptable::setup(&vm.mem, config.cpus)?;
+    let mut cmdline = guest_cmdline(config, &host);
+    let rsdp = if config.acpi {
+        Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows)?)
+    } else {
+        cmdline = crate::virtio::cmdline_with_devices(&cmdline, &virtio.windows)?;
+        None
+    };
+    boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
+    boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
     let msrs = regs::boot_msrs(&nested::vcpu_msrs(&kvm, &host.vendor, config.nested)?);
@@ -91,9 +103,9 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     let signal = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset })));
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset, power_off: legacy.power_off })));
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
-    crate::virtio::spawn_event_loops(device_subscribers)?;
+    crate::virtio::spawn_event_loops(virtio.subscribers)?;
 
     let _raw = RawMode::enter();
     let io = Arc::new(io);
@@ -103,6 +115,11 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
     loop {
         if let Some(why) = signal.reason() {
+            match why {
+                VmExit::Reset => log::info!("the guest reset"),
+                VmExit::PowerOff => log::info!("the guest powered off"),
+                VmExit::Error(_) => {}
+            }
             if let Some(u) = memory::host_usage(&vm.mem) {
                 log::info!(
                     "memory: peak RSS {} KiB, guest RAM touched {} KiB, nvmm's own {} KiB",

@@ -48,7 +48,7 @@ pub struct RunArgs {
     /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line. virtio_mmio.device= entries for --disk/--net are appended to it.
+    /// Kernel command line. With --no-acpi, virtio_mmio.device= entries for --disk/--net are appended.
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// A virtio net device on a TAP: tap=NAME[,mac=MAC]. The TAP is created if missing. Repeatable.
     #[arg(long, value_name = "OPTIONS", value_parser = config::parse_net)]
     pub net: Vec<config::NetConfig>,
+    /// No ACPI tables: the guest finds its CPUs in an MP table and its virtio devices in
+    /// virtio_mmio.device= entries on the command line (also implied by acpi=off there).
+    #[arg(long)]
+    pub no_acpi: bool,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -84,6 +88,7 @@ pub enum Error {
 impl RunArgs {
     pub fn into_config(self) -> Result<VmConfig, Error> {
         Ok(VmConfig {
+            acpi: config::wants_acpi(self.no_acpi, &self.cmdline),
             kernel: self.kernel.ok_or(Error::NoKernel)?,
             initrd: self.initrd,
             cmdline: self.cmdline,
@@ -112,6 +117,9 @@ mod tests {
         assert_eq!(c.cpus, 1);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(!c.nested);
+        assert!(c.acpi);
+        let c = parse(&["--kernel", "/k", "--no-acpi"]).unwrap().run.into_config().unwrap();
+        assert!(!c.acpi);
     }
 
     #[test]

@@ -17,6 +17,15 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// How to enter an ELF vmlinux.
     pub entry: EntryChoice,
+    /// Describe the machine with ACPI tables; without, the guest gets an MP table and its
+    /// virtio devices on the command line.
+    pub acpi: bool,
+}
+
+/// Whether the guest should get ACPI tables: not when the user said `--no-acpi`, nor when the
+/// kernel is told `acpi=off`, which would leave it with no way to find its virtio devices.
+pub fn wants_acpi(no_acpi: bool, cmdline: &str) -> bool {
+    !no_acpi && !cmdline.split_whitespace().any(|w| w == "acpi=off")
 }
 
 /// Entry protocol for an ELF vmlinux (a bzImage always uses the 64-bit boot protocol).
@@ -149,6 +158,14 @@ mod tests {
         assert!(parse_disk("path=/a,readonly=maybe").is_err());
         assert!(parse_disk("path=/a,id=123456789012345678901").is_err());
         assert!(parse_disk("path=/a,bogus=1").is_err());
+    }
+
+    #[test]
+    fn acpi_unless_refused() {
+        assert!(wants_acpi(false, DEFAULT_CMDLINE));
+        assert!(!wants_acpi(true, DEFAULT_CMDLINE));
+        assert!(!wants_acpi(false, "console=ttyS0 acpi=off"));
+        assert!(wants_acpi(false, "console=ttyS0 acpi=force noacpi=off"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nvmm_devices::acpi_pm::{self, AcpiPm, ACPI_PM_PORT};
 use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use nvmm_devices::i8042::{self, I8042};
 use nvmm_devices::serial::{self, SerialPort};
@@ -36,11 +37,15 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// The legacy devices, and what the event loop needs to serve them.
 pub struct Legacy {
     pub serial: Arc<Mutex<SerialPort>>,
+    /// Signalled by the i8042 reset line and the ACPI reset register.
     pub reset: EventFd,
+    /// Signalled when the guest enters ACPI S5.
+    pub power_off: EventFd,
 }
 
-/// COM1 to stdout, the i8042 for reset, and the boot timer port.
-pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant) -> Result<Legacy, Error> {
+/// COM1 to stdout, the i8042 for reset, the ACPI power-off and reset registers (when the guest
+/// has ACPI tables that name them), and the boot timer port.
+pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Result<Legacy, Error> {
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialPort::new(EventFdTrigger(serial_irq), Box::new(std::io::stdout()))));
@@ -50,7 +55,16 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant) -> Result<Legacy,
     let dup = reset.try_clone().map_err(Error::EventFd)?;
     io.pio.insert(i8042::I8042_PORT, i8042::PORT_COUNT, Arc::new(Mutex::new(I8042::new(EventFdTrigger(dup)))))?;
     io.pio.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(BootTimer::new(start))))?;
-    Ok(Legacy { serial, reset })
+
+    let power_off = eventfd()?;
+    if acpi {
+        let pm = AcpiPm::new(
+            EventFdTrigger(power_off.try_clone().map_err(Error::EventFd)?),
+            EventFdTrigger(reset.try_clone().map_err(Error::EventFd)?),
+        );
+        io.pio.insert(ACPI_PM_PORT, acpi_pm::PORT_COUNT, Arc::new(Mutex::new(pm)))?;
+    }
+    Ok(Legacy { serial, reset, power_off })
 }
 
 /// Feeds the host's stdin to the guest's serial port.
@@ -98,15 +112,17 @@ impl MutEventSubscriber for ConsoleInput {
     }
 }
 
-/// Wakes the main loop when the VM must end: a vCPU stopped, or the guest pulsed the i8042 reset.
+/// Wakes the main loop when the VM must end: a vCPU stopped, or the guest asked for a reset or
+/// a power-off.
 pub struct ExitWatcher {
     pub signal: Arc<ExitSignal>,
     pub reset: EventFd,
+    pub power_off: EventFd,
 }
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.signal.event(), &self.reset] {
+        for fd in [self.signal.event(), &self.reset, &self.power_off] {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
                 log::error!("cannot watch for VM exit: {e:?}");
             }
@@ -117,6 +133,9 @@ impl MutEventSubscriber for ExitWatcher {
         if events.fd() == self.reset.as_raw_fd() {
             let _ = self.reset.read();
             self.signal.exit(VmExit::Reset);
+        } else if events.fd() == self.power_off.as_raw_fd() {
+            let _ = self.power_off.read();
+            self.signal.exit(VmExit::PowerOff);
         } else {
             let _ = self.signal.event().read();
         }

@@ -26,6 +26,9 @@ pub mod layout {
     pub const MPTABLE_START: u64 = 0x9fc00;
     /// Reserved from the MP table to the end of the first MiB (EBDA, VGA, BIOS ROM).
     pub const EBDA_START: u64 = MPTABLE_START;
+    /// ACPI tables fill the BIOS area, where Linux scans for the RSDP on 16-byte boundaries.
+    pub const ACPI_TABLES_START: u64 = 0xe_0000;
+    pub const ACPI_TABLES_END: u64 = HIMEM_START;
     pub const HIMEM_START: u64 = 0x10_0000;
     /// RAM stops here and resumes at 4 GiB; the gap holds device MMIO, the IOAPIC and the LAPIC.
     pub const MMIO_GAP_START: u64 = 0xc000_0000;

@@ -48,6 +48,12 @@ pub enum Error {
 /// APIC IDs are 8 bits and the IOAPIC takes the ID after the last CPU.
 pub const MAX_CPUS_IN_TABLE: u8 = 254;
 
+/// The IOAPIC's ID: the first one after the vCPUs' local APIC IDs (0 to `num_cpus` - 1). The
+/// ACPI MADT says the same.
+pub fn ioapic_id(num_cpus: u8) -> u8 {
+    num_cpus
+}
+
 fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
@@ -57,7 +63,7 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     if num_cpus == 0 || num_cpus > MAX_CPUS_IN_TABLE {
         return Err(Error::TooManyCpus(num_cpus));
     }
-    let ioapic_id = num_cpus;
+    let ioapic_id = ioapic_id(num_cpus);
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
     for id in 0..num_cpus {

@@ -1,6 +1,7 @@
 //! Attaching virtio devices over MMIO: one page and one IRQ each, queue notifications through
 //! ioeventfd, interrupts through irqfd, device work on an event loop of the device's own. The
-//! kernel learns about them from `virtio_mmio.device=` entries on its command line.
+//! kernel learns about them from the ACPI DSDT (`acpi.rs`) or, without ACPI, from
+//! `virtio_mmio.device=` entries on its command line; never both, or it would claim each twice.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -41,6 +42,20 @@ pub enum Error {
     EventLoop { index: usize, msg: String },
 }
 
+/// Where a device sits in the guest's physical address space, and its IRQ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioWindow {
+    pub base: u64,
+    pub len: u64,
+    pub irq: u32,
+}
+
+/// The attached devices: their event-loop subscribers and where the guest finds them.
+pub struct AttachedDevices {
+    pub subscribers: Vec<Subscriber>,
+    pub windows: Vec<MmioWindow>,
+}
+
 /// A device as the transport and as the event loop see it: the same object behind one mutex.
 struct Attached {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -61,29 +76,34 @@ fn open_devices(config: &VmConfig) -> Result<Vec<Attached>, Error> {
     Ok(out)
 }
 
-/// Opens every `--disk` and `--net`, places them on the MMIO bus, and returns the event-loop
-/// subscribers and the command line with their `virtio_mmio.device=` entries appended.
-pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig, cmdline: &str) -> Result<(Vec<Subscriber>, String), Error> {
+/// Opens every `--disk` and `--net` and places them on the MMIO bus.
+pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig) -> Result<AttachedDevices, Error> {
     let devices = open_devices(config)?;
     if devices.len() > (LAST_IRQ - FIRST_IRQ + 1) as usize {
         return Err(Error::TooMany(devices.len()));
     }
-    let mut cl = Cmdline::try_from(cmdline, CMDLINE_CAPACITY).map_err(Error::Cmdline)?;
-    let mut subscribers = Vec::with_capacity(devices.len());
+    let mut attached = AttachedDevices { subscribers: Vec::with_capacity(devices.len()), windows: Vec::with_capacity(devices.len()) };
     for (i, dev) in devices.into_iter().enumerate() {
-        let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
-        let irq = FIRST_IRQ + i as u32;
+        let window = MmioWindow { base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE, len: MMIO_LEN, irq: FIRST_IRQ + i as u32 };
         let transport = MmioTransport::new(vm.mem.clone(), dev.device);
         for (queue, evt) in transport.queue_events().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY, queue as u32)?;
+            vm.register_mmio_ioevent(evt, window.base + QUEUE_NOTIFY, queue as u32)?;
         }
-        vm.register_irqfd(transport.interrupt_event(), irq)?;
-        io.mmio.insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
-        cl.add_virtio_mmio_device(MMIO_LEN, GuestAddress(base), irq, None).map_err(Error::Cmdline)?;
-        subscribers.push(dev.subscriber);
+        vm.register_irqfd(transport.interrupt_event(), window.irq)?;
+        io.mmio.insert(window.base, window.len, Arc::new(Mutex::new(transport)))?;
+        attached.subscribers.push(dev.subscriber);
+        attached.windows.push(window);
     }
-    let cmdline = cl.as_cstring().map_err(Error::Cmdline)?.into_string().unwrap_or_default();
-    Ok((subscribers, cmdline))
+    Ok(attached)
+}
+
+/// `cmdline` with a `virtio_mmio.device=` entry per window, for a guest without ACPI.
+pub fn cmdline_with_devices(cmdline: &str, windows: &[MmioWindow]) -> Result<String, Error> {
+    let mut cl = Cmdline::try_from(cmdline, CMDLINE_CAPACITY).map_err(Error::Cmdline)?;
+    for w in windows {
+        cl.add_virtio_mmio_device(w.len, GuestAddress(w.base), w.irq, None).map_err(Error::Cmdline)?;
+    }
+    Ok(cl.as_cstring().map_err(Error::Cmdline)?.into_string().unwrap_or_default())
 }
 
 /// Runs each device's queues and backend on a thread of its own, so that one device's slow I/O (a

@@ -254,18 +254,26 @@ pub fn load_cmdline_checked(mem: &GuestMemoryMmap, kernel: &LoadedKernel, cmdlin
         .map_err(|e| Error::BootParams(format!("command line: {e}")))
 }
 
+/// What the boot parameters point the kernel at, besides its command line and memory map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootExtras {
+    pub initrd: Option<InitrdRegion>,
+    /// The ACPI RSDP, handed over directly so the kernel need not scan the BIOS area for it.
+    pub rsdp: Option<u64>,
+}
+
 /// Writes the boot parameters the chosen entry protocol expects.
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline_len: usize,
-    initrd: Option<InitrdRegion>,
+    extras: BootExtras,
     mem_size: u64,
 ) -> Result<(), Error> {
     let e820 = memory::e820_map(mem_size);
     match kernel.entry {
-        Entry::Linux64 { .. } => linux::write_zero_page(mem, kernel.result.setup_header, cmdline_len, initrd, &e820),
-        Entry::Pvh { .. } => pvh::write_start_info(mem, initrd, &e820),
+        Entry::Linux64 { .. } => linux::write_zero_page(mem, kernel.result.setup_header, cmdline_len, extras, &e820),
+        Entry::Pvh { .. } => pvh::write_start_info(mem, extras, &e820),
     }
     .map_err(|e| Error::BootParams(e.to_string()))
 }

@@ -5,7 +5,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
 
-use super::InitrdRegion;
+use super::BootExtras;
 use crate::memory::{layout, E820Entry};
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -34,9 +34,10 @@ unsafe impl ByteValued for ModlistEntry {}
 
 pub(super) fn write_start_info(
     mem: &GuestMemoryMmap,
-    initrd: Option<InitrdRegion>,
+    extras: BootExtras,
     e820: &[E820Entry],
 ) -> Result<(), linux_loader::configurator::Error> {
+    let initrd = extras.initrd;
     let info = StartInfo(hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: START_INFO_VERSION,
@@ -45,6 +46,7 @@ pub(super) fn write_start_info(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::PVH_MEMMAP_START,
         memmap_entries: e820.len() as u32,
+        rsdp_paddr: extras.rsdp.unwrap_or(0),
         ..Default::default()
     });
     let memmap: Vec<MemmapEntry> = e820
@@ -68,13 +70,15 @@ mod tests {
     #[test]
     fn start_info_points_at_memmap_cmdline_and_initrd() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let initrd = InitrdRegion { addr: 0x200_0000, size: 0x5000 };
-        write_start_info(&mem, Some(initrd), &e820_map(64 << 20)).unwrap();
+        let initrd = super::super::InitrdRegion { addr: 0x200_0000, size: 0x5000 };
+        let extras = BootExtras { initrd: Some(initrd), rsdp: Some(0xe_0000) };
+        write_start_info(&mem, extras, &e820_map(64 << 20)).unwrap();
         let info: StartInfo = super::super::read_obj(&mem, layout::PVH_INFO_START);
         assert_eq!(info.0.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.0.cmdline_paddr, layout::CMDLINE_START);
         assert_eq!(info.0.memmap_entries, 3);
         assert_eq!(info.0.nr_modules, 1);
+        assert_eq!(info.0.rsdp_paddr, 0xe_0000);
         let m: ModlistEntry = super::super::read_obj(&mem, layout::PVH_MODLIST_START);
         assert_eq!((m.0.paddr, m.0.size), (0x200_0000, 0x5000));
         let e: MemmapEntry = super::super::read_obj(&mem, layout::PVH_MEMMAP_START + 2 * 24);

@@ -7,8 +7,10 @@ use nvmm_devices::bus::Bus;
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest asked for a reset (i8042 pulse, triple fault): how our guests power off.
+    /// The guest asked for a reset (i8042 pulse, ACPI reset register, triple fault).
     Reset,
+    /// The guest powered off through ACPI (sleep state S5).
+    PowerOff,
     /// Something went wrong; the message says what.
     Error(String),
 }

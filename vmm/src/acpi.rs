@@ -1,0 +1,361 @@
+//! ACPI tables, the way distribution kernels find CPUs and devices: an RSDP pointing at an XSDT,
+//! a hardware-reduced FADT (no PM timer, no SCI, no fixed buttons: power-off and reset go
+//! through three I/O ports, `nvmm_devices::acpi_pm`), a MADT with one local APIC per vCPU and the
+//! IOAPIC, and a DSDT describing COM1 and each virtio-mmio window. Built with rust-vmm's
+//! `acpi_tables` and written to the BIOS area below 1 MiB, which the E820 map already reserves
+//! and where Linux also scans for the RSDP when no boot protocol hands it the address.
+
+use acpi_tables::aml::{Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use nvmm_devices::acpi_pm::{self, ACPI_PM_PORT};
+use nvmm_devices::serial;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::byteorder::{LE, U16, U32};
+use zerocopy::{Immutable, IntoBytes};
+
+use crate::memory::layout::{ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, IOAPIC_START};
+use crate::mptable;
+use crate::virtio::MmioWindow;
+
+const OEM_ID: [u8; 6] = *b"NVMM  ";
+const OEM_REVISION: u32 = 1;
+/// DSDT revision 2 and up has 64-bit integers.
+const DSDT_REVISION: u8 = 6;
+const SDT_HEADER_LEN: u32 = 36;
+/// Tables start on 16-byte boundaries (the RSDP must; the others are merely tidy).
+const TABLE_ALIGN: u64 = 16;
+/// IAPC_BOOT_ARCH: no VGA, no MSI (nvmm has no PCI), no CMOS RTC. The 8042 bit stays clear, so
+/// Linux does not probe a keyboard controller; `reboot=k` still reaches the i8042's reset line.
+const BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+const BOOT_ARCH_NO_MSI: u16 = 1 << 3;
+const BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
+/// MADT structure types the crate has no type for (ACPI 6.5, 5.2.12).
+const MADT_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+/// MPS INTI flags: polarity and trigger "conform to the bus" (ISA: active high, edge).
+const MPS_INTI_CONFORM: u16 = 0;
+const ISA_BUS: u8 = 0;
+const ALL_PROCESSORS: u8 = 0xff;
+const PIT_IRQ: u8 = 0;
+const LINT1: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ACPI tables: {0} bytes do not fit in the {max} bytes reserved for them", max = ACPI_TABLES_END - ACPI_TABLES_START)]
+    TooLarge(u64),
+    #[error("cannot write the ACPI tables to guest memory: {0}")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+/// A MADT interrupt source override: ISA IRQ `source` arrives on `gsi`.
+#[repr(C, packed)]
+#[derive(Clone, Copy, IntoBytes, Immutable)]
+struct InterruptSourceOverride {
+    r#type: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: U32<LE>,
+    flags: U16<LE>,
+}
+
+/// A MADT local APIC NMI structure: which LINT pin of which processors takes NMIs.
+#[repr(C, packed)]
+#[derive(Clone, Copy, IntoBytes, Immutable)]
+struct LocalApicNmi {
+    r#type: u8,
+    length: u8,
+    processor_uid: u8,
+    flags: U16<LE>,
+    lint: u8,
+}
+
+impl Aml for InterruptSourceOverride {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.as_bytes());
+    }
+}
+
+impl Aml for LocalApicNmi {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.as_bytes());
+    }
+}
+
+fn bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut out = Vec::new();
+    table.to_aml_bytes(&mut out);
+    out
+}
+
+/// The DSDT: COM1, each virtio-mmio window (`LNRO0005`, the ID Linux's virtio_mmio driver
+/// matches), and `_S5_`, the sleep type that powers off.
+pub fn dsdt(virtio: &[MmioWindow]) -> Vec<u8> {
+    let mut body = Vec::new();
+    // Name::new encodes its value at once, so the resource descriptors need not outlive it.
+    let com1_crs = Name::new(
+        "_CRS".into(),
+        &ResourceTemplate::new(vec![
+            &IO::new(serial::COM1_PORT as u16, serial::COM1_PORT as u16, 1, serial::PORT_COUNT as u8),
+            &Interrupt::new(true, true, false, false, serial::COM1_IRQ),
+        ]),
+    );
+    Device::new(
+        "_SB_.COM1".into(),
+        vec![&Name::new("_HID".into(), &EISAName::new("PNP0501")), &Name::new("_UID".into(), &0u8), &com1_crs],
+    )
+    .to_aml_bytes(&mut body);
+    for (i, w) in virtio.iter().enumerate() {
+        let crs = Name::new(
+            "_CRS".into(),
+            &ResourceTemplate::new(vec![
+                // Windows sit in the MMIO gap below 4 GiB, so they fit Memory32Fixed.
+                &Memory32Fixed::new(true, w.base as u32, w.len as u32),
+                // Edge: the transport signals through an irqfd, which KVM delivers as an edge.
+                &Interrupt::new(true, true, false, false, w.irq),
+            ]),
+        );
+        let uid = i as u32;
+        Device::new(
+            Path::new(&format!("_SB_.V{i:03}")),
+            vec![&Name::new("_HID".into(), &"LNRO0005"), &Name::new("_UID".into(), &uid), &crs],
+        )
+        .to_aml_bytes(&mut body);
+    }
+    Name::new("_S5_".into(), &Package::new(vec![&acpi_pm::S5_SLEEP_TYPE])).to_aml_bytes(&mut body);
+
+    let mut table = Sdt::new(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION, OEM_ID, *b"NVMMDSDT", OEM_REVISION);
+    table.append_slice(&body);
+    table.as_slice().to_vec()
+}
+
+/// The MADT: local APIC IDs are vCPU indexes (as CPUID reports them), the IOAPIC takes the ID
+/// after them, as in the MP table.
+pub fn madt(cpus: u8) -> Vec<u8> {
+    let mut madt = MADT::new(OEM_ID, *b"NVMMAPIC", OEM_REVISION, LocalInterruptController::Address(APIC_START as u32));
+    for id in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(mptable::ioapic_id(cpus), IOAPIC_START as u32, 0));
+    // KVM's default GSI routing wires ISA IRQ n to IOAPIC pin n, which is also ACPI's default for
+    // ISA IRQs; the timer's override says so explicitly, since PC firmware usually moves it to
+    // pin 2, where nothing drives it here.
+    madt.add_structure(InterruptSourceOverride {
+        r#type: MADT_INTERRUPT_SOURCE_OVERRIDE,
+        length: 10,
+        bus: ISA_BUS,
+        source: PIT_IRQ,
+        gsi: u32::from(PIT_IRQ).into(),
+        flags: MPS_INTI_CONFORM.into(),
+    });
+    // As in the MP table: every LAPIC's LINT1 takes NMIs.
+    madt.add_structure(LocalApicNmi {
+        r#type: MADT_LOCAL_APIC_NMI,
+        length: 6,
+        processor_uid: ALL_PROCESSORS,
+        flags: MPS_INTI_CONFORM.into(),
+        lint: LINT1,
+    });
+    bytes(&madt)
+}
+
+fn io_register(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+/// The FADT of a hardware-reduced platform: the DSDT, and the sleep and reset registers.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, *b"NVMMFACP", OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        // Set means "no fixed-feature button", which a hardware-reduced platform has not.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = (BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_MSI | BOOT_ARCH_NO_CMOS_RTC).into();
+    fadt.sleep_control_reg = io_register(ACPI_PM_PORT + acpi_pm::SLEEP_CONTROL);
+    fadt.sleep_status_reg = io_register(ACPI_PM_PORT + acpi_pm::SLEEP_STATUS);
+    fadt.reset_reg = io_register(ACPI_PM_PORT + acpi_pm::RESET);
+    fadt.reset_value = acpi_pm::RESET_VALUE;
+    bytes(&fadt.finalize())
+}
+
+/// Every table, each with the guest-physical address it is written at.
+pub struct Tables {
+    pub rsdp_addr: u64,
+    pub placed: Vec<(u64, Vec<u8>)>,
+}
+
+/// Lays the tables out from `start`: the RSDP first (Linux's scan finds it at the start of the
+/// BIOS area), then the DSDT, FADT, MADT and XSDT, each after the tables it points to.
+pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow]) -> Result<Tables, Error> {
+    let mut placed = Vec::new();
+    let mut next = start + Rsdp::len() as u64;
+    let mut place = |table: Vec<u8>| {
+        let addr = next.next_multiple_of(TABLE_ALIGN);
+        next = addr + table.len() as u64;
+        placed.push((addr, table));
+        addr
+    };
+    let dsdt_addr = place(dsdt(virtio));
+    let fadt_addr = place(fadt(dsdt_addr));
+    let madt_addr = place(madt(cpus));
+    let mut xsdt = XSDT::new(OEM_ID, *b"NVMMXSDT", OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_addr = place(bytes(&xsdt));
+    placed.insert(0, (start, bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
+    let end = placed.iter().map(|(a, t)| a + t.len() as u64).max().unwrap_or(start);
+    if end > ACPI_TABLES_END {
+        return Err(Error::TooLarge(end - start));
+    }
+    Ok(Tables { rsdp_addr: start, placed })
+}
+
+/// Writes the tables for `cpus` vCPUs and the `virtio` windows; returns the RSDP's address.
+pub fn setup(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioWindow]) -> Result<u64, Error> {
+    let tables = build(ACPI_TABLES_START, cpus, virtio)?;
+    for (addr, table) in &tables.placed {
+        mem.write_slice(table, GuestAddress(*addr)).map_err(Error::Write)?;
+    }
+    Ok(tables.rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn windows(n: usize) -> Vec<MmioWindow> {
+        (0..n).map(|i| MmioWindow { base: 0xd000_0000 + i as u64 * 0x1000, len: 0x1000, irq: 5 + i as u32 }).collect()
+    }
+
+    fn table(t: &Tables, addr: u64) -> &[u8] {
+        &t.placed.iter().find(|(a, _)| *a == addr).unwrap_or_else(|| panic!("no table at {addr:#x}")).1
+    }
+
+    /// The MADT's structures as (type, bytes).
+    fn madt_structures(m: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut out = Vec::new();
+        let mut off = 44;
+        while off < m.len() {
+            let len = m[off + 1] as usize;
+            out.push((m[off], &m[off..off + len]));
+            off += len;
+        }
+        out
+    }
+
+    #[test]
+    fn every_checksum_adds_up_and_lengths_match() {
+        let t = build(ACPI_TABLES_START, 4, &windows(3)).unwrap();
+        let rsdp = table(&t, t.rsdp_addr);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
+        assert_eq!(sum(rsdp), 0, "RSDP extended checksum");
+        for (addr, bytes) in &t.placed[1..] {
+            assert_eq!(addr % TABLE_ALIGN, 0);
+            assert_eq!(u32_at(bytes, 4) as usize, bytes.len(), "{} length", String::from_utf8_lossy(&bytes[..4]));
+            assert_eq!(sum(bytes), 0, "{} checksum", String::from_utf8_lossy(&bytes[..4]));
+        }
+    }
+
+    #[test]
+    fn pointers_lead_from_the_rsdp_to_every_table() {
+        let t = build(ACPI_TABLES_START, 2, &windows(1)).unwrap();
+        let xsdt = table(&t, u64_at(table(&t, t.rsdp_addr), 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let entries: Vec<&[u8]> = (36..xsdt.len()).step_by(8).map(|o| table(&t, u64_at(xsdt, o))).collect();
+        let sigs: Vec<&[u8]> = entries.iter().map(|e| &e[..4]).collect();
+        assert_eq!(sigs, [b"FACP", b"APIC"]);
+        let fadt = entries[0];
+        // X_DSDT at offset 140.
+        assert_eq!(&table(&t, u64_at(fadt, 140))[..4], b"DSDT");
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        assert_ne!(flags & Flags::ResetRegSup as u32, 0);
+        // Sleep control (offset 244) and reset (116) registers are nvmm's ports.
+        assert_eq!((fadt[244], u64_at(fadt, 248)), (AddressSpace::SystemIo as u8, ACPI_PM_PORT + acpi_pm::SLEEP_CONTROL));
+        assert_eq!((fadt[116], u64_at(fadt, 120), fadt[128]), (AddressSpace::SystemIo as u8, ACPI_PM_PORT + acpi_pm::RESET, acpi_pm::RESET_VALUE));
+    }
+
+    #[test]
+    fn madt_has_one_enabled_lapic_per_vcpu_and_the_ioapic() {
+        for cpus in [1u8, 2, 64] {
+            let m = madt(cpus);
+            assert_eq!(u32_at(&m, 36), APIC_START as u32);
+            let s = madt_structures(&m);
+            let lapics: Vec<&[u8]> = s.iter().filter(|(t, _)| *t == 0).map(|(_, b)| *b).collect();
+            assert_eq!(lapics.len(), cpus as usize);
+            for (i, l) in lapics.iter().enumerate() {
+                assert_eq!((l[2], l[3], u32_at(l, 4)), (i as u8, i as u8, 1), "LAPIC {i}: uid, APIC ID, enabled");
+            }
+            let ioapics: Vec<&[u8]> = s.iter().filter(|(t, _)| *t == 1).map(|(_, b)| *b).collect();
+            assert_eq!(ioapics.len(), 1);
+            assert_eq!((ioapics[0][2], u32_at(ioapics[0], 4), u32_at(ioapics[0], 8)), (cpus, IOAPIC_START as u32, 0));
+            let iso: Vec<&[u8]> = s.iter().filter(|(t, _)| *t == MADT_INTERRUPT_SOURCE_OVERRIDE).map(|(_, b)| *b).collect();
+            assert_eq!(iso.len(), 1);
+            assert_eq!((iso[0][3], u32_at(iso[0], 4)), (0, 0), "IRQ 0 on GSI 0");
+            assert_eq!(s.iter().filter(|(t, _)| *t == MADT_LOCAL_APIC_NMI).count(), 1);
+            assert_eq!(sum(&m), 0);
+        }
+    }
+
+    /// Counts the occurrences of `needle` in `hay`.
+    fn count(hay: &[u8], needle: &[u8]) -> usize {
+        hay.windows(needle.len()).filter(|w| *w == needle).count()
+    }
+
+    #[test]
+    fn dsdt_describes_each_virtio_window_once() {
+        for n in [0usize, 1, 2, 19] {
+            let w = windows(n);
+            let d = dsdt(&w);
+            assert_eq!(&d[..4], b"DSDT");
+            assert_eq!(sum(&d), 0);
+            assert_eq!(count(&d, b"LNRO0005\0"), n, "{n} devices");
+            for (i, win) in w.iter().enumerate() {
+                assert_eq!(count(&d, format!("V{i:03}").as_bytes()), 1);
+                // Memory32Fixed descriptor (0x86, length 9, read-write) with the window's base
+                // and size, and an extended IRQ descriptor with its IRQ.
+                let mut mem = vec![0x86, 9, 0, 1];
+                mem.extend_from_slice(&(win.base as u32).to_le_bytes());
+                mem.extend_from_slice(&(win.len as u32).to_le_bytes());
+                assert_eq!(count(&d, &mem), 1, "window {i}");
+                let mut irq = vec![0x89, 6, 0, 0b11, 1];
+                irq.extend_from_slice(&win.irq.to_le_bytes());
+                assert_eq!(count(&d, &irq), 1, "IRQ of window {i}");
+            }
+            assert_eq!(count(&d, b"_S5_"), 1);
+            assert_eq!(count(&d, b"COM1"), 1);
+        }
+    }
+
+    #[test]
+    fn the_largest_machine_fits_and_lands_in_guest_memory() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let rsdp = setup(&mem, crate::config::MAX_CPUS, &windows(19)).unwrap();
+        assert_eq!(rsdp, ACPI_TABLES_START);
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        assert!(matches!(build(ACPI_TABLES_END - 64, 1, &[]), Err(Error::TooLarge(_))));
+    }
+}
