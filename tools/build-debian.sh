@@ -20,6 +20,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 FORCE=0
 [ "${1:-}" = --force ] && FORCE=1
+# Only the three paths go to stdout (fd 3); everything the tools say goes to stderr.
+exec 3>&1 1>&2
 
 OUT="$REPO_ROOT/build/debian"
 SUITE=bookworm
@@ -35,7 +37,7 @@ flock 9
 base_stamp="$(echo "base recipe 1 $SUITE $INCLUDE $MODULES" | sha256sum | cut -d' ' -f1)"
 image_stamp="$( (echo "$base_stamp"; cat "${BASH_SOURCE[0]}") | sha256sum | cut -d' ' -f1)"
 
-print_paths() { printf '%s\n' "$OUT/root.img" "$OUT/vmlinuz" "$OUT/initrd.img"; }
+print_paths() { printf '%s\n' "$OUT/root.img" "$OUT/vmlinuz" "$OUT/initrd.img" >&3; }
 
 if [ "$FORCE" = 0 ] && [ "$(cat "$OUT/image.stamp" 2>/dev/null)" = "$image_stamp" ] \
     && [ -f "$OUT/root.img" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.img" ]; then
