@@ -12,7 +12,7 @@ use nvmm_devices::bus::{BusDevice, BusError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::counters::ExitCounter;
+use crate::vcpu::stats::ExitCounter;
 use super::guest::{self, Hypercall, Inputs, Kind, Program};
 use crate::boot::Entry;
 use crate::cpuid;

@@ -2,6 +2,7 @@
 
 pub mod exit;
 pub mod regs;
+pub mod stats;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
