@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Cap;
+use kvm_ioctls::{Cap, Kvm};
 
 use crate::boot;
 use crate::config::VmConfig;
@@ -19,6 +19,7 @@ use crate::nested;
 use crate::terminal::RawMode;
 use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
 use crate::vm::Vm;
+use crate::vmm::{self as running, Facts, Parts, Vmm};
 
 /// One error per build stage; each stage's message says what failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,8 @@ pub enum Error {
     Cpuid(#[source] kvm_ioctls::Error),
     #[error("boot tables: {0}")]
     BootTables(#[source] regs::Error),
+    #[error(transparent)]
+    Run(#[from] running::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
 }
@@ -67,14 +70,36 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 
     let mut io = IoBuses::default();
     let legacy = devices::setup_legacy(&vm, &mut io, start)?;
-    let (device_subscribers, cmdline) = crate::virtio::attach(&vm, &mut io, config, &guest_cmdline(config, &host))?;
+    let virtio = crate::virtio::attach(&vm, &mut io, config, &guest_cmdline(config, &host))?;
 
-    boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
-    boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), initrd, config.mem_bytes)?;
+    boot::load_cmdline_checked(&vm.mem, &kernel, &virtio.cmdline)?;
+    boot::write_boot_params(&vm.mem, &kernel, virtio.cmdline.len(), initrd, config.mem_bytes)?;
     mptable::setup(&vm.mem, config.cpus)?;
 
+    let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
+    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
+    vcpus[0].configure_boot(kernel.entry, &gdt)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset })));
+    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
+    let device_loops = crate::virtio::spawn_event_loops(virtio.subscribers)?;
+
+    let _raw = RawMode::enter();
+    let io = Arc::new(io);
+    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone())).collect::<Result<_, _>>()?;
+    log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
+    let facts = Facts { cpus: config.cpus, mem_bytes: config.mem_bytes, layer: host.layer.number(), nested: config.nested, started: start };
+    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, facts });
+    Ok(vmm.run()?)
+}
+
+/// One vCPU per `--cpus`, each with its CPUID (topology, nested bits) and boot MSRs set.
+fn create_vcpus(kvm: &Kvm, vm: &Vm, host: &Host, config: &VmConfig) -> Result<Vec<Vcpu>, Error> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
-    let msrs = regs::boot_msrs(&nested::vcpu_msrs(&kvm, &host.vendor, config.nested)?);
+    let msrs = regs::boot_msrs(&nested::vcpu_msrs(kvm, &host.vendor, config.nested)?);
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
@@ -85,34 +110,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         vcpu.configure(&cpuid, &msrs)?;
         vcpus.push(vcpu);
     }
-    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
-    vcpus[0].configure_boot(kernel.entry, &gdt)?;
-
-    let signal = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
-    let mut events: EventManager<Subscriber> =
-        EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset })));
-    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
-    crate::virtio::spawn_event_loops(device_subscribers)?;
-
-    let _raw = RawMode::enter();
-    let io = Arc::new(io);
-    for vcpu in vcpus {
-        vcpu.spawn(io.clone(), signal.clone())?;
-    }
-    log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
-    loop {
-        if let Some(why) = signal.reason() {
-            if let Some(u) = memory::host_usage(&vm.mem) {
-                log::info!(
-                    "memory: peak RSS {} KiB, guest RAM touched {} KiB, nvmm's own {} KiB",
-                    u.peak_rss_kib, u.guest_touched_kib, u.overhead_kib()
-                );
-            }
-            return Ok(why);
-        }
-        events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    }
+    Ok(vcpus)
 }
 
 /// The user's command line, plus the guest's layer when ours is known, so `nvmm check` inside the

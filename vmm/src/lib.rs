@@ -17,6 +17,7 @@ pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
+pub mod vmm;
 pub mod check;
 pub mod host;
 pub mod nested;

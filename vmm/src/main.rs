@@ -44,7 +44,7 @@ fn check(json: bool) -> ExitCode {
 fn run(args: RunArgs, start: Instant) -> Result<(), String> {
     let config = args.into_config().map_err(|e| e.to_string())?;
     match nvmm::builder::build_and_run(&config, start).map_err(|e| e.to_string())? {
-        VmExit::Reset => Ok(()),
+        VmExit::Reset | VmExit::Shutdown => Ok(()),
         VmExit::Error(msg) => Err(format!("the VM stopped: {msg}")),
     }
 }

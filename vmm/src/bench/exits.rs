@@ -269,6 +269,8 @@ impl Runner {
                     if let Action::Stop(why) = handle_exit(exit, &self.io) {
                         let why = match why {
                             VmExit::Reset => "it shut down (triple fault)".to_string(),
+                            // Only the API asks for this, and the bench has no API.
+                            VmExit::Shutdown => "it was shut down".to_string(),
                             VmExit::Error(msg) => msg,
                         };
                         let rip = self.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);

@@ -9,6 +9,8 @@ use nvmm_devices::bus::Bus;
 pub enum VmExit {
     /// The guest asked for a reset (i8042 pulse, triple fault): how our guests power off.
     Reset,
+    /// An API client asked for a shutdown; the disks are flushed.
+    Shutdown,
     /// Something went wrong; the message says what.
     Error(String),
 }
