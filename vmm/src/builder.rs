@@ -7,12 +7,14 @@ use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 
+use crate::api::server::{self as api_server, ApiServer};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::cpuid;
 use crate::devices::{self, ConsoleInput, ExitWatcher, Subscriber};
 use crate::host::Host;
 use crate::kvm;
+use crate::mailbox::mailbox;
 use crate::memory;
 use crate::mptable;
 use crate::nested;
@@ -47,6 +49,8 @@ pub enum Error {
     #[error("boot tables: {0}")]
     BootTables(#[source] regs::Error),
     #[error(transparent)]
+    Api(#[from] api_server::Error),
+    #[error(transparent)]
     Run(#[from] running::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -54,6 +58,8 @@ pub enum Error {
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
+    // First, so a bad path fails before any work; the socket file goes when `api` is dropped.
+    let mut api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let kvm = kvm::open()?;
     let mem = memory::create(config.mem_bytes)?;
     let vm = Vm::create(&kvm, mem)?;
@@ -86,13 +92,21 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset })));
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
     let device_loops = crate::virtio::spawn_event_loops(virtio.subscribers)?;
+    let api_calls = match api.as_mut() {
+        Some(server) => {
+            let (mailbox, inbox) = mailbox().map_err(|e| Error::EventLoop(e.to_string()))?;
+            server.start(mailbox)?;
+            Some(inbox)
+        }
+        None => None,
+    };
 
     let _raw = RawMode::enter();
     let io = Arc::new(io);
     let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone())).collect::<Result<_, _>>()?;
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
     let facts = Facts { cpus: config.cpus, mem_bytes: config.mem_bytes, layer: host.layer.number(), nested: config.nested, started: start };
-    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, facts });
+    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts })?;
     Ok(vmm.run()?)
 }
 

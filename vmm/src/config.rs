@@ -17,6 +17,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// How to enter an ELF vmlinux.
     pub entry: EntryChoice,
+    /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Entry protocol for an ELF vmlinux (a bzImage always uses the 64-bit boot protocol).

@@ -1,5 +1,6 @@
 //! nvmm: a small VMM for Linux guests on KVM, built to run at any nesting layer.
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod builder;

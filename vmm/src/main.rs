@@ -14,7 +14,15 @@ fn main() -> ExitCode {
         None => report(run(cli.run, start)),
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
+        Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),
     }
+}
+
+/// Prints the server's JSON answer; a server error or a missing socket is the one-line failure.
+fn ctl(socket: &std::path::Path, command: nvmm::api::client::Command) -> Result<(), String> {
+    let answer = nvmm::api::client::call(socket, command).map_err(|e| e.to_string())?;
+    println!("{answer}");
+    Ok(())
 }
 
 /// One line on stderr for any failure, and a nonzero status.

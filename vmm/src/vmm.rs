@@ -1,6 +1,6 @@
 //! The running VM and everything that runs it: one handle per vCPU thread, the device event loops,
-//! the disks (flushed at shutdown), and the main event loop, which watches for the VM's end and
-//! feeds the console.
+//! the disks (flushed at shutdown), and the main event loop, which watches for the VM's end, feeds
+//! the console, and answers API calls between two dispatch rounds.
 //!
 //! # Pause and resume
 //! Pause stops the vCPUs first, so that no new request reaches a device, then parks each device
@@ -9,15 +9,17 @@
 //! with nothing pending (see `vcpu/runner.rs`) and sleeps on its channel: a paused VM uses no CPU.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::EventManager;
+use event_manager::{EventManager, SubscriberOps};
 use nvmm_devices::virtio::block::disk::DiskError;
 use serde::Serialize;
 
+use crate::api::{self, Action, ApiError, Call, Status};
 use crate::device_loop::{self, DeviceLoop};
 use crate::devices::Subscriber;
+use crate::mailbox::Inbox;
 use crate::memory;
 use crate::vcpu::{self, ExitSignal, ExitSource, VcpuHandle, VcpuMessage, VcpuReport, VmExit};
 use crate::virtio::AttachedDisk;
@@ -42,8 +44,20 @@ pub enum Error {
     DeviceLoop(#[from] device_loop::Error),
     #[error("cannot flush disk {path}: {err}")]
     Flush { path: PathBuf, err: DiskError },
+    #[error("cannot watch for API calls: {0}")]
+    ApiWakeup(#[source] std::io::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
+}
+
+impl Error {
+    /// A request the VM's state does not allow is the client's conflict; the rest are ours.
+    fn status(&self) -> Status {
+        match self {
+            Error::AlreadyPaused | Error::NotPaused | Error::Stopping => Status::Conflict,
+            _ => Status::Internal,
+        }
+    }
 }
 
 /// Whether the guest runs.
@@ -93,6 +107,8 @@ pub struct Parts {
     pub vcpus: Vec<VcpuHandle>,
     pub devices: Vec<DeviceLoop>,
     pub disks: Vec<AttachedDisk>,
+    /// API calls, when `--api-socket` is given.
+    pub api: Option<Inbox<Call>>,
     pub facts: Facts,
 }
 
@@ -103,14 +119,19 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     devices: Vec<DeviceLoop>,
     disks: Vec<AttachedDisk>,
+    api: Option<Inbox<Call>>,
     facts: Facts,
     state: RunState,
 }
 
 impl Vmm {
-    pub fn new(parts: Parts) -> Self {
-        let Parts { vm, events, exit, vcpus, devices, disks, facts } = parts;
-        Self { vm, events, exit, vcpus, devices, disks, facts, state: RunState::Running }
+    pub fn new(mut parts: Parts) -> Result<Self, Error> {
+        if let Some(inbox) = &parts.api {
+            let wakeup = inbox.wakeup().map_err(Error::ApiWakeup)?;
+            parts.events.add_subscriber(Arc::new(Mutex::new(wakeup)));
+        }
+        let Parts { vm, events, exit, vcpus, devices, disks, api, facts } = parts;
+        Ok(Self { vm, events, exit, vcpus, devices, disks, api, facts, state: RunState::Running })
     }
 
     /// Runs the main loop until the VM ends, then ends every thread and says why the VM ended.
@@ -120,6 +141,7 @@ impl Vmm {
                 break why;
             }
             self.events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+            self.answer_api_calls();
         };
         self.teardown();
         Ok(why)
@@ -214,6 +236,38 @@ impl Vmm {
         Ok(())
     }
 
+    /// Answers every API call waiting in the inbox, in order.
+    fn answer_api_calls(&mut self) {
+        let mut calls = Vec::new();
+        if let Some(inbox) = &self.api {
+            loop {
+                match inbox.try_recv() {
+                    Ok(Some(call)) => calls.push(call),
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.api = None;
+                        break;
+                    }
+                }
+            }
+        }
+        for call in calls {
+            let reply = self.answer(call.action);
+            // A client that hung up does not need its answer.
+            let _ = call.reply.send(reply);
+        }
+    }
+
+    fn answer(&mut self, action: Action) -> api::Reply {
+        let result = match action {
+            Action::Info => return serde_json::to_value(self.info()).map_err(|e| ApiError::new(Status::Internal, e)),
+            Action::Pause => self.pause().map(|()| serde_json::json!({ "state": RunState::Paused })),
+            Action::Resume => self.resume().map(|()| serde_json::json!({ "state": RunState::Running })),
+            Action::Shutdown => self.shutdown().map(|n| serde_json::json!({ "state": "shut down", "disks_flushed": n })),
+        };
+        result.map_err(|e| ApiError::new(e.status(), e))
+    }
+
     /// Ends the vCPU and device threads, each within a bounded time, and logs nvmm's memory.
     fn teardown(self) {
         for vcpu in self.vcpus {
@@ -246,6 +300,15 @@ fn expect(got: VcpuReport, wanted: VcpuReport) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_errors_are_conflicts_and_the_rest_internal() {
+        for e in [Error::AlreadyPaused, Error::NotPaused, Error::Stopping] {
+            assert_eq!(e.status(), Status::Conflict, "{e}");
+        }
+        assert_eq!(Error::EventLoop("x".into()).status(), Status::Internal);
+        assert_eq!(Error::Vcpu(vcpu::Error::Gone(0)).status(), Status::Internal);
+    }
 
     #[test]
     fn a_stopped_vcpu_means_the_vm_is_stopping() {
