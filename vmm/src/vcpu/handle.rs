@@ -16,7 +16,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -67,13 +67,15 @@ pub struct VcpuHandle {
     own_exits: Arc<AtomicU64>,
 }
 
-/// Installs the no-op `SIGRTMIN` handler, once per process.
+/// Installs the no-op `SIGRTMIN` handler, once per process (the answer of the first try is kept).
+///
+/// vmm-sys-util installs it without `SA_RESTART`, so a blocking call the kick interrupts on a vCPU
+/// thread returns `EINTR`; the ones made there (console writes through `write_all`, channel
+/// receives) retry on it.
 pub(super) fn install_kick_handler() -> Result<(), Error> {
     extern "C" fn interrupt_only(_: c_int, _: *mut siginfo_t, _: *mut c_void) {}
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| result = register_signal_handler(SIGRTMIN(), interrupt_only).map_err(Error::SignalHandler));
-    result
+    static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    INSTALLED.get_or_init(|| register_signal_handler(SIGRTMIN(), interrupt_only)).map_err(Error::SignalHandler)
 }
 
 /// A second `VcpuFd` on the same vCPU, with a mapping of `kvm_run` of its own.
