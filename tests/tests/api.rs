@@ -25,13 +25,20 @@ struct Counting {
 
 impl Counting {
     fn start(name: &str) -> Counting {
+        Self::start_with(name, &[])
+    }
+
+    /// With more nvmm arguments; `{dir}` in them stands for the test's scratch directory.
+    fn start_with(name: &str, extra: &[&str]) -> Counting {
         let dir = scratch_dir(name);
         let elf = dir.join("counter.elf");
         tiny::write_counter_elf(&elf);
         let socket = dir.join("api.sock");
         let _ = std::fs::remove_file(&socket);
+        let extra: Vec<String> = extra.iter().map(|a| a.replace("{dir}", dir.to_str().unwrap())).collect();
         let mut child = Command::new(nvmm_bin())
             .args(["--kernel", elf.to_str().unwrap(), "--api-socket", socket.to_str().unwrap()])
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -161,6 +168,30 @@ fn pause_stops_the_guest_and_its_vcpu_and_resume_carries_on() {
     let socket = vm.socket.clone();
     assert_eq!(vm.wait_for_exit(), Some(0));
     assert!(!socket.exists(), "socket left behind");
+}
+
+/// Two vCPUs, the second never started by the guest (it waits for INIT/SIPI inside KVM_RUN), and a
+/// disk, whose device loop is parked and unparked: all pause and resume, and shutdown flushes the disk.
+#[test]
+fn two_vcpus_and_a_disk_pause_resume_and_shut_down() {
+    let disk = scratch_dir("api-two").join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let vm = Counting::start_with("api-two", &["--cpus", "2", "--disk", "path={dir}/disk.img"]);
+    let info = vm.ctl_ok("info");
+    assert_eq!(info["cpus"], 2);
+    assert_eq!(info["vcpus"].as_array().unwrap().len(), 2, "{info}");
+    assert_eq!(vm.ctl_ok("pause")["state"], "paused");
+    thread::sleep(Duration::from_millis(200));
+    let lines = vm.count();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(vm.count(), lines, "the guest printed while paused");
+    assert_eq!(vm.ctl_ok("info")["state"], "paused");
+    assert_eq!(vm.ctl_ok("resume")["state"], "running");
+    vm.wait_for_lines(lines + 5);
+    assert_consecutive(&vm.lines.lock().unwrap());
+    // Shutdown from a running VM pauses it first.
+    assert_eq!(vm.ctl_ok("shutdown"), serde_json::json!({ "state": "shut down", "disks_flushed": 1 }));
+    assert_eq!(vm.wait_for_exit(), Some(0));
 }
 
 /// One raw HTTP/1.1 exchange; the status and the body.
