@@ -259,13 +259,22 @@ impl Vmm {
     }
 
     fn answer(&mut self, action: Action) -> api::Reply {
-        let result = match action {
-            Action::Info => return serde_json::to_value(self.info()).map_err(|e| ApiError::new(Status::Internal, e)),
-            Action::Pause => self.pause().map(|()| serde_json::json!({ "state": RunState::Paused })),
-            Action::Resume => self.resume().map(|()| serde_json::json!({ "state": RunState::Running })),
-            Action::Shutdown => self.shutdown().map(|n| serde_json::json!({ "state": "shut down", "disks_flushed": n })),
-        };
-        result.map_err(|e| ApiError::new(e.status(), e))
+        let refused = |e: Error| ApiError::new(e.status(), e);
+        Ok(match action {
+            Action::Info => serde_json::to_value(self.info()).map_err(|e| ApiError::new(Status::Internal, e))?,
+            Action::Pause => {
+                self.pause().map_err(refused)?;
+                serde_json::json!({ "state": RunState::Paused })
+            }
+            Action::Resume => {
+                self.resume().map_err(refused)?;
+                serde_json::json!({ "state": RunState::Running })
+            }
+            Action::Shutdown => {
+                let flushed = self.shutdown().map_err(refused)?;
+                serde_json::json!({ "state": "shut down", "disks_flushed": flushed })
+            }
+        })
     }
 
     /// Ends the vCPU and device threads, each within a bounded time, and logs nvmm's memory.
