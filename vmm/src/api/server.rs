@@ -135,7 +135,9 @@ fn serve(mut request: Request, vmm: &Mailbox<Call>) {
         Ok(value) => (200, value),
         Err(e) => (e.status as u16, e.body()),
     };
-    let mut response = Response::from_string(body.to_string()).with_status_code(status);
+    // A Content-Length whatever the size (tiny_http would chunk from 32 KiB): `nvmm ctl` relies on
+    // it. Only a client that asks for chunks with a TE header gets them.
+    let mut response = Response::from_string(body.to_string()).with_status_code(status).with_chunked_threshold(usize::MAX);
     // Both strings are valid header bytes, so this cannot fail; without it the body is the same.
     if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
         response.add_header(h);
