@@ -147,10 +147,6 @@ impl Vmm {
         Ok(why)
     }
 
-    pub fn state(&self) -> RunState {
-        self.state
-    }
-
     /// Stops every vCPU and parks every device; 409 if already paused.
     pub fn pause(&mut self) -> Result<(), Error> {
         if self.state == RunState::Paused {

@@ -99,8 +99,8 @@ impl Runner {
     fn paused(&mut self) -> State {
         match self.messages.recv() {
             Ok(VcpuMessage::Resume) => {
-                // The kick that paused us may have set the flag after our last KVM_RUN; left set,
-                // it would only cost one empty round trip, but there is no reason to pay it.
+                // The flag may still be set by the kick that paused us. This Resume's own kick can
+                // also land after the clear: a stale flag costs one empty KVM_RUN, no more.
                 self.fd.set_kvm_immediate_exit(0);
                 self.report(VcpuReport::Resumed);
                 State::Running
