@@ -5,21 +5,24 @@ use std::time::Instant;
 
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Cap;
+use kvm_ioctls::{Cap, Kvm};
 
 use crate::acpi;
+use crate::api::server::{self as api_server, ApiServer};
 use crate::boot::{self, BootExtras};
 use crate::config::VmConfig;
 use crate::cpuid;
 use crate::devices::{self, ConsoleInput, ExitWatcher, Subscriber};
 use crate::host::Host;
 use crate::kvm;
+use crate::mailbox::mailbox;
 use crate::memory;
 use crate::mptable;
 use crate::nested;
 use crate::terminal::RawMode;
 use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
 use crate::vm::Vm;
+use crate::vmm::{self as running, Facts, Parts, Vmm};
 
 /// One error per build stage; each stage's message says what failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,12 +51,18 @@ pub enum Error {
     Cpuid(#[source] kvm_ioctls::Error),
     #[error("boot tables: {0}")]
     BootTables(#[source] regs::Error),
+    #[error(transparent)]
+    Api(#[from] api_server::Error),
+    #[error(transparent)]
+    Run(#[from] running::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
 }
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
+    // First, so a bad path fails before any work; the socket file goes when `api` is dropped.
+    let mut api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let kvm = kvm::open()?;
     let mem = memory::create(config.mem_bytes)?;
     let vm = Vm::create(&kvm, mem)?;
@@ -85,8 +94,38 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
     boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
 
+    let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
+    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
+    vcpus[0].configure_boot(kernel.entry, &gdt)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
+    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
+    let device_loops = crate::virtio::spawn_event_loops(virtio.subscribers)?;
+    let api_calls = match api.as_mut() {
+        Some(server) => {
+            let (mailbox, inbox) = mailbox().map_err(|e| Error::EventLoop(e.to_string()))?;
+            server.start(mailbox)?;
+            Some(inbox)
+        }
+        None => None,
+    };
+
+    let _raw = RawMode::enter();
+    let io = Arc::new(io);
+    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone())).collect::<Result<_, _>>()?;
+    log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
+    let facts = Facts { cpus: config.cpus, mem_bytes: config.mem_bytes, layer: host.layer.number(), nested: config.nested, started: start };
+    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts })?;
+    Ok(vmm.run()?)
+}
+
+/// One vCPU per `--cpus`, each with its CPUID (topology, nested bits) and boot MSRs set.
+fn create_vcpus(kvm: &Kvm, vm: &Vm, host: &Host, config: &VmConfig) -> Result<Vec<Vcpu>, Error> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
-    let msrs = regs::boot_msrs(&nested::vcpu_msrs(&kvm, &host.vendor, config.nested)?);
+    let msrs = regs::boot_msrs(&nested::vcpu_msrs(kvm, &host.vendor, config.nested)?);
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
@@ -97,39 +136,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
         vcpu.configure(&cpuid, &msrs)?;
         vcpus.push(vcpu);
     }
-    let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
-    vcpus[0].configure_boot(kernel.entry, &gdt)?;
-
-    let signal = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
-    let mut events: EventManager<Subscriber> =
-        EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: signal.clone(), reset: legacy.reset, power_off: legacy.power_off })));
-    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
-    crate::virtio::spawn_event_loops(virtio.subscribers)?;
-
-    let _raw = RawMode::enter();
-    let io = Arc::new(io);
-    for vcpu in vcpus {
-        vcpu.spawn(io.clone(), signal.clone())?;
-    }
-    log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
-    loop {
-        if let Some(why) = signal.reason() {
-            match why {
-                VmExit::Reset => log::info!("the guest reset"),
-                VmExit::PowerOff => log::info!("the guest powered off"),
-                VmExit::Error(_) => {}
-            }
-            if let Some(u) = memory::host_usage(&vm.mem) {
-                log::info!(
-                    "memory: peak RSS {} KiB, guest RAM touched {} KiB, nvmm's own {} KiB",
-                    u.peak_rss_kib, u.guest_touched_kib, u.overhead_kib()
-                );
-            }
-            return Ok(why);
-        }
-        events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
-    }
+    Ok(vcpus)
 }
 
 /// The user's command line, plus the guest's layer when ours is known, so `nvmm check` inside the

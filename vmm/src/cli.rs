@@ -31,6 +31,13 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Talk to a running nvmm through its --api-socket: prints the JSON answer.
+    Ctl {
+        /// The socket given to that nvmm's --api-socket.
+        socket: PathBuf,
+        #[arg(value_enum)]
+        command: crate::api::client::Command,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,6 +80,9 @@ pub struct RunArgs {
     /// virtio_mmio.device= entries on the command line (also implied by acpi=off there).
     #[arg(long)]
     pub no_acpi: bool,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, which must not exist yet.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -98,6 +108,7 @@ impl RunArgs {
             disks: self.disk,
             nets: self.net,
             entry: self.entry,
+            api_socket: self.api_socket,
         })
     }
 }
@@ -141,6 +152,16 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--mem", "lots"]).is_err());
         assert!(parse(&["--kernel", "/k", "--disk", "readonly=on"]).is_err());
         assert_eq!(parse(&[]).unwrap().run.into_config(), Err(Error::NoKernel));
+    }
+
+    #[test]
+    fn api_socket_and_ctl() {
+        let c = parse(&["--kernel", "/k", "--api-socket", "/run/nvmm.sock"]).unwrap().run.into_config().unwrap();
+        assert_eq!(c.api_socket, Some(PathBuf::from("/run/nvmm.sock")));
+        let c = parse(&["ctl", "/run/nvmm.sock", "pause"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Ctl { command: crate::api::client::Command::Pause, .. })));
+        assert!(parse(&["ctl", "/run/nvmm.sock", "explode"]).is_err());
+        assert!(parse(&["ctl", "/run/nvmm.sock"]).is_err());
     }
 
     #[test]

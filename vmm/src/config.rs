@@ -20,6 +20,8 @@ pub struct VmConfig {
     /// Describe the machine with ACPI tables; without, the guest gets an MP table and its
     /// virtio devices on the command line.
     pub acpi: bool,
+    /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Whether the guest should get ACPI tables: not when the user said `--no-acpi`, nor when the

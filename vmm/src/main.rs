@@ -14,7 +14,15 @@ fn main() -> ExitCode {
         None => report(run(cli.run, start)),
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
+        Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),
     }
+}
+
+/// Prints the server's JSON answer; a server error or a missing socket is the one-line failure.
+fn ctl(socket: &std::path::Path, command: nvmm::api::client::Command) -> Result<(), String> {
+    let answer = nvmm::api::client::call(socket, command).map_err(|e| e.to_string())?;
+    println!("{answer}");
+    Ok(())
 }
 
 /// One line on stderr for any failure, and a nonzero status.
@@ -44,7 +52,7 @@ fn check(json: bool) -> ExitCode {
 fn run(args: RunArgs, start: Instant) -> Result<(), String> {
     let config = args.into_config().map_err(|e| e.to_string())?;
     match nvmm::builder::build_and_run(&config, start).map_err(|e| e.to_string())? {
-        VmExit::Reset | VmExit::PowerOff => Ok(()),
+        VmExit::Reset | VmExit::PowerOff | VmExit::Shutdown => Ok(()),
         VmExit::Error(msg) => Err(format!("the VM stopped: {msg}")),
     }
 }

@@ -3,16 +3,15 @@
 //! kernel learns about them from the ACPI DSDT (`acpi.rs`) or, without ACPI, from
 //! `virtio_mmio.device=` entries on its command line; never both, or it would claim each twice.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread;
-
-use event_manager::{EventManager, SubscriberOps};
 
 use linux_loader::cmdline::Cmdline;
 use nvmm_devices::virtio::{self, Block, BlockConfig, MmioTransport, Net, NetConfig, VirtioDevice, MMIO_LEN, QUEUE_NOTIFY};
 use vm_memory::GuestAddress;
 
 use crate::config::VmConfig;
+use crate::device_loop::{self, DeviceLoop};
 use crate::devices::Subscriber;
 use crate::memory::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::vcpu::IoBuses;
@@ -38,8 +37,8 @@ pub enum Error {
     Vm(#[from] crate::vm::Error),
     #[error("device placement: {0}")]
     Bus(#[from] nvmm_devices::bus::BusError),
-    #[error("cannot start the event loop of virtio device {index}: {msg}")]
-    EventLoop { index: usize, msg: String },
+    #[error(transparent)]
+    EventLoop(#[from] device_loop::Error),
 }
 
 /// Where a device sits in the guest's physical address space, and its IRQ.
@@ -50,39 +49,50 @@ pub struct MmioWindow {
     pub irq: u32,
 }
 
-/// The attached devices: their event-loop subscribers and where the guest finds them.
-pub struct AttachedDevices {
-    pub subscribers: Vec<Subscriber>,
-    pub windows: Vec<MmioWindow>,
-}
-
 /// A device as the transport and as the event loop see it: the same object behind one mutex.
-struct Attached {
+struct Opened {
     device: Arc<Mutex<dyn VirtioDevice>>,
     subscriber: Subscriber,
 }
 
-fn open_devices(config: &VmConfig) -> Result<Vec<Attached>, Error> {
+/// A block device, kept by the VMM to flush it at shutdown.
+pub struct AttachedDisk {
+    pub path: PathBuf,
+    pub device: Arc<Mutex<Block>>,
+}
+
+/// What the VMM keeps of the virtio devices once they are on the bus.
+pub struct Attached {
+    /// One event-loop subscriber per device, in device order.
+    pub subscribers: Vec<Subscriber>,
+    pub disks: Vec<AttachedDisk>,
+    /// Where the guest finds each device, in device order.
+    pub windows: Vec<MmioWindow>,
+}
+
+fn open_devices(config: &VmConfig, disks: &mut Vec<AttachedDisk>) -> Result<Vec<Opened>, Error> {
     let mut out = Vec::new();
     for d in &config.disks {
         let block = Arc::new(Mutex::new(Block::new(BlockConfig { path: d.path.clone(), read_only: d.read_only, id: d.id.clone() })?));
-        out.push(Attached { device: block.clone(), subscriber: block });
+        disks.push(AttachedDisk { path: d.path.clone(), device: block.clone() });
+        out.push(Opened { device: block.clone(), subscriber: block });
     }
     for n in &config.nets {
         let mac = n.mac.as_deref().map(virtio::parse_mac).transpose()?;
         let net = Arc::new(Mutex::new(Net::new(NetConfig { tap: n.tap.clone(), mac })?));
-        out.push(Attached { device: net.clone(), subscriber: net });
+        out.push(Opened { device: net.clone(), subscriber: net });
     }
     Ok(out)
 }
 
 /// Opens every `--disk` and `--net` and places them on the MMIO bus.
-pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig) -> Result<AttachedDevices, Error> {
-    let devices = open_devices(config)?;
+pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig) -> Result<Attached, Error> {
+    let mut disks = Vec::new();
+    let devices = open_devices(config, &mut disks)?;
     if devices.len() > (LAST_IRQ - FIRST_IRQ + 1) as usize {
         return Err(Error::TooMany(devices.len()));
     }
-    let mut attached = AttachedDevices { subscribers: Vec::with_capacity(devices.len()), windows: Vec::with_capacity(devices.len()) };
+    let mut attached = Attached { subscribers: Vec::with_capacity(devices.len()), disks, windows: Vec::with_capacity(devices.len()) };
     for (i, dev) in devices.into_iter().enumerate() {
         let window = MmioWindow { base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE, len: MMIO_LEN, irq: FIRST_IRQ + i as u32 };
         let transport = MmioTransport::new(vm.mem.clone(), dev.device);
@@ -107,22 +117,12 @@ pub fn cmdline_with_devices(cmdline: &str, windows: &[MmioWindow]) -> Result<Str
 }
 
 /// Runs each device's queues and backend on a thread of its own, so that one device's slow I/O (a
-/// flush that waits for the disk) never holds up another device or the console. The threads live
-/// as long as the process: nvmm exits when the VM stops.
-pub fn spawn_event_loops(subscribers: Vec<Subscriber>) -> Result<(), Error> {
+/// flush that waits for the disk) never holds up another device or the console. The VMM parks
+/// them when it pauses the VM.
+pub fn spawn_event_loops(subscribers: Vec<Subscriber>) -> Result<Vec<DeviceLoop>, Error> {
+    let mut loops = Vec::with_capacity(subscribers.len());
     for (index, subscriber) in subscribers.into_iter().enumerate() {
-        let mut events: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| Error::EventLoop { index, msg: format!("{e:?}") })?;
-        events.add_subscriber(subscriber);
-        thread::Builder::new()
-            .name(format!("nvmm-virtio{index}"))
-            .spawn(move || loop {
-                if let Err(e) = events.run() {
-                    log::error!("virtio device {index}: event loop stopped: {e:?}");
-                    return;
-                }
-            })
-            .map_err(|e| Error::EventLoop { index, msg: e.to_string() })?;
+        loops.push(device_loop::spawn(&format!("nvmm-virtio{index}"), vec![subscriber])?);
     }
-    Ok(())
+    Ok(loops)
 }

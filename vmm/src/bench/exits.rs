@@ -12,7 +12,7 @@ use nvmm_devices::bus::{BusDevice, BusError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::counters::ExitCounter;
+use crate::vcpu::stats::ExitCounter;
 use super::guest::{self, Hypercall, Inputs, Kind, Program};
 use crate::boot::Entry;
 use crate::cpuid;
@@ -270,6 +270,8 @@ impl Runner {
                         let why = match why {
                             VmExit::Reset => "it shut down (triple fault)".to_string(),
                             VmExit::PowerOff => "it powered off".to_string(),
+                            // Only the API asks for this, and the bench has no API.
+                            VmExit::Shutdown => "it was shut down".to_string(),
                             VmExit::Error(msg) => msg,
                         };
                         let rip = self.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);

@@ -3,7 +3,7 @@
 //!
 //! - `guest.rs`: the hand-assembled guest, one timing routine per kind of exit;
 //! - `exits.rs`: the runner, a one-vCPU VM that runs each routine at the chosen CPL;
-//! - `stats.rs`: median, p99, min; `counters.rs`: KVM's own exit count, to check each kind exits;
+//! - `stats.rs`: median, p99, min; KVM's own exit count (`vcpu::stats`) checks that each kind exits;
 //! - `report.rs`: the table and the JSON; `console.rs`: results printed by the standalone image.
 //!
 //! # CPL
@@ -18,7 +18,6 @@
 //! answer, at the host TSC's frequency calibrated against CLOCK_MONOTONIC. The report says which.
 
 pub mod console;
-mod counters;
 pub mod exits;
 pub mod guest;
 pub mod report;

@@ -11,6 +11,8 @@ pub enum VmExit {
     Reset,
     /// The guest powered off through ACPI (sleep state S5).
     PowerOff,
+    /// An API client asked for a shutdown; the disks are flushed.
+    Shutdown,
     /// Something went wrong; the message says what.
     Error(String),
 }

@@ -1,16 +1,24 @@
-//! vCPUs: creation, boot-time configuration, and one thread each running `KVM_RUN`.
+//! vCPUs: creation, boot-time configuration, and one thread each running `KVM_RUN`, driven by the
+//! VMM through a [`VcpuHandle`] (`handle.rs`) as a small state machine (`runner.rs`).
 
 pub mod exit;
+mod handle;
 pub mod regs;
+mod runner;
+pub mod stats;
 
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
-use kvm_bindings::{kvm_msr_entry, CpuId, KVM_EXIT_INTERNAL_ERROR};
+use kvm_bindings::{kvm_msr_entry, CpuId};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{handle_exit, Action, IoBuses, VmExit};
+pub use handle::{ExitSource, VcpuHandle, VcpuMessage, VcpuReport};
+use runner::Runner;
+use stats::ExitCounter;
 
 use crate::boot::Entry;
 
@@ -24,6 +32,18 @@ pub enum Error {
     Regs(u8, #[source] regs::Error),
     #[error("cannot start vCPU thread {0}: {1}")]
     Spawn(u8, #[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot duplicate the fd of vCPU {0}: {1}")]
+    DupFd(u8, #[source] std::io::Error),
+    #[error("cannot map kvm_run of vCPU {0} for its kick: {1}")]
+    KickMap(u8, #[source] kvm_ioctls::Error),
+    #[error("cannot signal vCPU {0}: {1}")]
+    Kick(u8, #[source] vmm_sys_util::errno::Error),
+    #[error("vCPU {0} did not answer within {1:?}")]
+    NoAnswer(u8, Duration),
+    #[error("the thread of vCPU {0} has ended")]
+    Gone(u8),
 }
 
 /// How the VM ends: the first vCPU or device to stop records why and wakes the main loop.
@@ -83,62 +103,79 @@ impl Vcpu {
         regs::setup_sregs(&self.fd, entry, gdt).map_err(r)
     }
 
-    /// Runs the vCPU on its own thread until the VM stops.
-    pub fn spawn(self, io: Arc<IoBuses>, signal: Arc<ExitSignal>) -> Result<JoinHandle<()>, Error> {
+    /// Starts the vCPU's thread, running, and returns the VMM's handle on it.
+    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, exit: Arc<ExitSignal>) -> Result<VcpuHandle, Error> {
         let id = self.id;
-        std::thread::Builder::new()
+        handle::install_kick_handler()?;
+        let kick = handle::kick_fd(vm, &self.fd, id)?;
+        // Opened now: once the thread is in KVM_RUN, the ioctl would wait for it to leave.
+        let kvm_exits = ExitCounter::open(&self.fd);
+        let own_exits = Arc::new(AtomicU64::new(0));
+        let (messages, inbox) = mpsc::channel();
+        let (outbox, reports) = mpsc::channel();
+        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, exits: own_exits.clone() };
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let why = run(self.fd, &io);
-                log::debug!("vcpu{id} stopped: {why:?}");
-                signal.exit(why);
-            })
-            .map_err(|e| Error::Spawn(id, e))
+            .spawn(move || runner.run())
+            .map_err(|e| Error::Spawn(id, e))?;
+        Ok(VcpuHandle::new(id, messages, reports, kick, thread, kvm_exits, own_exits))
     }
 }
 
-/// The exit loop: run, handle, repeat.
-pub fn run(mut fd: VcpuFd, io: &IoBuses) -> VmExit {
-    loop {
-        let action = match fd.run() {
-            Ok(exit) => {
-                if log::log_enabled!(log::Level::Trace) {
-                    log::trace!("exit: {exit:?}");
-                }
-                handle_exit(exit, io)
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::memory;
+    use crate::vm::Vm;
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn wait_for_exits_above(h: &VcpuHandle, n: u64) -> u64 {
+        let t = Instant::now();
+        loop {
+            let (now, _) = h.exits();
+            if now > n {
+                return now;
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
-            Err(e) => Action::Stop(VmExit::Error(format!("KVM_RUN failed: {e}"))),
-        };
-        if let Action::Stop(why) = action {
-            if why == VmExit::Reset && log::log_enabled!(log::Level::Debug) {
-                log_shutdown_state(&fd);
-            }
-            return describe_internal_error(&mut fd).unwrap_or(why);
+            assert!(t.elapsed() < T, "the vCPU made no exit past {n}");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
-}
 
-/// A shutdown is how Linux's `reboot=t` resets, and also what a guest crash looks like: where the
-/// vCPU stood tells the two apart.
-fn log_shutdown_state(fd: &VcpuFd) {
-    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
-        return;
-    };
-    log::debug!(
-        "shutdown: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x} cs {:#x}",
-        r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
-    );
-}
+    /// A real vCPU on this host's /dev/kvm (the test has nothing to do on a host without one): a
+    /// real-mode loop of port writes, paused, resumed and finished through its handle.
+    #[test]
+    fn a_vcpu_pauses_resumes_and_finishes_on_request() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = Vm::create(&kvm, memory::create(64 << 20).unwrap()).unwrap();
+        // 0x1000: out 0x80, al; jmp 0x1000
+        vm.mem.write_slice(&[0xe6, 0x80, 0xeb, 0xfc], GuestAddress(0x1000)).unwrap();
+        let vcpu = Vcpu::new(&vm.fd, 0).unwrap();
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
+        vcpu.fd.set_regs(&regs).unwrap();
 
-/// KVM's internal errors carry a suberror code worth reporting (1 = emulation failure).
-fn describe_internal_error(fd: &mut VcpuFd) -> Option<VmExit> {
-    let run = fd.get_kvm_run();
-    if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
-        return None;
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), exit.clone()).unwrap();
+        wait_for_exits_above(&h, 10);
+        assert_eq!(h.request(VcpuMessage::Pause, T).unwrap(), VcpuReport::Paused);
+        let paused_at = h.exits().0;
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(h.exits().0, paused_at, "a paused vCPU made exits");
+        assert_eq!(h.request(VcpuMessage::Pause, T).unwrap(), VcpuReport::Paused);
+        assert_eq!(h.request(VcpuMessage::Resume, T).unwrap(), VcpuReport::Resumed);
+        wait_for_exits_above(&h, paused_at + 10);
+        assert_eq!(exit.reason(), None);
+        h.finish(T).unwrap();
     }
-    // SAFETY: `internal` is the active member of the exit union when exit_reason is INTERNAL_ERROR.
-    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-    Some(VmExit::Error(format!("KVM internal error (suberror {suberror}) at guest rip {rip:#x}")))
 }

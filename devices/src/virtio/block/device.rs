@@ -75,6 +75,11 @@ impl Block {
         self.disk.read_only()
     }
 
+    /// Makes every completed write durable (the VMM's shutdown; the guest has its own flush).
+    pub fn flush(&self) -> Result<(), super::disk::DiskError> {
+        self.disk.flush()
+    }
+
     pub fn is_activated(&self) -> bool {
         self.active.is_some()
     }

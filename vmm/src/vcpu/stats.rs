@@ -1,8 +1,10 @@
 //! The vCPU's own count of VM exits, from KVM's binary statistics (`KVM_GET_STATS_FD`, Linux 5.14+).
 //!
-//! A guest instruction that should exit may not reach this KVM at all: on a PVM host, `cpuid` at
-//! CPL 3 runs natively and is answered by the hypervisor below. Counting the exits each routine
-//! causes tells a real exit from a measurement of something else.
+//! kvm-ioctls 0.25 has no wrapper for it, so the ioctl is made here. `nvmm bench exits` uses it to
+//! tell a real exit from a measurement of something else (on a PVM host, `cpuid` at CPL 3 runs
+//! natively and is answered by the hypervisor below), and `GET /vm` to report each vCPU's exits.
+//! The file is opened before the vCPU thread starts: every vCPU ioctl, this one included, waits
+//! for the vCPU's mutex, which a running `KVM_RUN` holds. Reading it later needs no ioctl.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};

@@ -1,0 +1,160 @@
+//! The vCPU thread: a small state machine driven by the VMM's messages.
+//!
+//! ```text
+//!   Running --Pause--> Paused --Resume--> Running
+//!   Running --guest reset or error--> Stopped (tells the VMM, answers Stopped to everything)
+//!   any state --Finish--> the thread returns
+//! ```
+//!
+//! # Pending I/O
+//! KVM finishes a port or MMIO exit (stores the data of an `in` or an MMIO read in the guest's
+//! registers, steps past the instruction) only when userspace enters `KVM_RUN` again; until then
+//! the registers KVM would report are not the guest's. KVM's API documentation asks userspace to
+//! re-enter with `immediate_exit` set (or a signal pending) to complete such an operation without
+//! running more guest code, before it reads the vCPU's state. Here a vCPU reads its messages only
+//! after a `KVM_RUN` that returned `EINTR`, and that call has first completed whatever the exit
+//! before it left pending: KVM runs the completion before it looks at `immediate_exit` or at
+//! signals, and if the completion needs userspace once more (a string instruction's next chunk),
+//! `KVM_RUN` returns that exit instead, which is handled with `immediate_exit` still set. So a
+//! vCPU that reports `Paused` has nothing pending, and its state can be read as it is.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+
+use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
+use kvm_ioctls::VcpuFd;
+
+use super::handle::{VcpuMessage, VcpuReport};
+use super::{handle_exit, Action, ExitSignal, IoBuses, VmExit};
+
+/// Where the thread's state machine stands.
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    Paused,
+    Stopped(VmExit),
+    Finished,
+}
+
+pub(super) struct Runner {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub io: Arc<IoBuses>,
+    pub messages: Receiver<VcpuMessage>,
+    pub reports: Sender<VcpuReport>,
+    pub exit: Arc<ExitSignal>,
+    /// Every `KVM_RUN` that returned an exit to userspace.
+    pub exits: Arc<AtomicU64>,
+}
+
+impl Runner {
+    /// The thread's body: starts running and returns when told to finish.
+    pub fn run(mut self) {
+        let mut state = State::Running;
+        loop {
+            state = match state {
+                State::Running => self.running(),
+                State::Paused => self.paused(),
+                State::Stopped(why) => self.stopped(why),
+                State::Finished => return,
+            };
+        }
+    }
+
+    /// The exit loop: run, handle, repeat; messages are read after an interrupted `KVM_RUN`.
+    fn running(&mut self) -> State {
+        loop {
+            match self.fd.run() {
+                Ok(exit) => {
+                    self.exits.fetch_add(1, Ordering::Relaxed);
+                    if log::log_enabled!(log::Level::Trace) {
+                        log::trace!("vcpu{}: exit: {exit:?}", self.id);
+                    }
+                    if let Action::Stop(why) = handle_exit(exit, &self.io) {
+                        return State::Stopped(why);
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR => {
+                    // Cleared before the channel is read: a kick that lands after this clear also
+                    // sent its message before setting the flag, so the read below sees it.
+                    self.fd.set_kvm_immediate_exit(0);
+                    match self.messages.try_recv() {
+                        Ok(VcpuMessage::Pause) => {
+                            self.report(VcpuReport::Paused);
+                            return State::Paused;
+                        }
+                        Ok(VcpuMessage::Resume) => self.report(VcpuReport::Resumed),
+                        Ok(VcpuMessage::Finish) | Err(TryRecvError::Disconnected) => return State::Finished,
+                        Err(TryRecvError::Empty) => {}
+                    }
+                }
+                Err(e) if e.errno() == libc::EAGAIN => {}
+                Err(e) => return State::Stopped(VmExit::Error(format!("KVM_RUN failed: {e}"))),
+            }
+        }
+    }
+
+    /// Blocks on the channel: a paused vCPU uses no CPU.
+    fn paused(&mut self) -> State {
+        match self.messages.recv() {
+            Ok(VcpuMessage::Resume) => {
+                // The flag may still be set by the kick that paused us. This Resume's own kick can
+                // also land after the clear: a stale flag costs one empty KVM_RUN, no more.
+                self.fd.set_kvm_immediate_exit(0);
+                self.report(VcpuReport::Resumed);
+                State::Running
+            }
+            Ok(VcpuMessage::Pause) => {
+                self.report(VcpuReport::Paused);
+                State::Paused
+            }
+            Ok(VcpuMessage::Finish) | Err(_) => State::Finished,
+        }
+    }
+
+    /// Tells the VMM why the vCPU stopped, then answers `Stopped` until told to finish.
+    fn stopped(&mut self, why: VmExit) -> State {
+        if why == VmExit::Reset && log::log_enabled!(log::Level::Debug) {
+            log_shutdown_state(&self.fd);
+        }
+        let why = describe_internal_error(&mut self.fd).unwrap_or(why);
+        log::debug!("vcpu{} stopped: {why:?}", self.id);
+        self.exit.exit(why);
+        loop {
+            match self.messages.recv() {
+                Ok(VcpuMessage::Finish) | Err(_) => return State::Finished,
+                Ok(_) => self.report(VcpuReport::Stopped),
+            }
+        }
+    }
+
+    fn report(&self, report: VcpuReport) {
+        // The VMM gone means the process is ending; there is no one left to tell.
+        let _ = self.reports.send(report);
+    }
+}
+
+/// A shutdown is how Linux's `reboot=t` resets, and also what a guest crash looks like: where the
+/// vCPU stood tells the two apart.
+fn log_shutdown_state(fd: &VcpuFd) {
+    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
+        return;
+    };
+    log::debug!(
+        "shutdown: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x} cs {:#x}",
+        r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
+    );
+}
+
+/// KVM's internal errors carry a suberror code worth reporting (1 = emulation failure).
+fn describe_internal_error(fd: &mut VcpuFd) -> Option<VmExit> {
+    let run = fd.get_kvm_run();
+    if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+        return None;
+    }
+    // SAFETY: `internal` is the active member of the exit union when exit_reason is INTERNAL_ERROR.
+    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    Some(VmExit::Error(format!("KVM internal error (suberror {suberror}) at guest rip {rip:#x}")))
+}
