@@ -4,7 +4,9 @@
 # with ACPI on, both run as the VMM inside the same lab guest (L1) on the same KVM, with the same
 # kernel, initramfs, image, 2 vCPUs and 1 GiB. Runs alternate between the two.
 #
-# Usage: tools/bench-debian.sh [RUNS]   (default 3; each boot takes minutes under TCG)
+# Usage: tools/bench-debian.sh [RUNS]   (default 3; a pair of boots takes about a minute, 5 runs about
+# 5 minutes with the lab boot. On a machine loaded by other work the medians wander; the minimums
+# held steady over two 5-run benches)
 # Every run boots a fresh copy of the image: L1 reads the lab's /dev/vda (a copy of build/debian/
 # root.img) once into a sparse file in its tmpfs, and copies that before each run. Times come from
 # L1's /proc/uptime (10 ms steps): from the VMM's start to the guest's DEBIAN-MULTI-USER line
