@@ -31,7 +31,7 @@ impl SerialPort {
         match self.uart.enqueue_raw_bytes(&bytes[..room]) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial input dropped: {e:?}");
+                crate::warn_limited!("serial input dropped: {e:?}");
                 0
             }
         }

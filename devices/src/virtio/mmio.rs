@@ -244,7 +244,7 @@ impl MmioTransport {
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => NO_SHM_REGION,
             CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => {
-                log::warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                crate::warn_limited!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0
             }
         }
@@ -263,19 +263,19 @@ impl MmioTransport {
             QUEUE_NOTIFY => self.notify(value),
             INTERRUPT_ACK => {
                 if let Err(e) = self.interrupt.ack(value) {
-                    log::error!("virtio-mmio: cannot raise the interrupt again: {e}");
+                    crate::error_limited!("virtio-mmio: cannot raise the interrupt again: {e}");
                 }
             }
             STATUS => self.write_status(value),
             SHM_SEL => {}
-            _ => log::warn!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
+            _ => crate::warn_limited!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         // Features may change only between DRIVER and FEATURES_OK.
         if self.status != S_DRIVER {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: driver features written in status {:#x}",
                 self.status
             );
@@ -284,14 +284,14 @@ impl MmioTransport {
         match self.driver_features_sel {
             0 => set_half(&mut self.acked_features, false, value),
             1 => set_half(&mut self.acked_features, true, value),
-            sel => log::warn!("virtio-mmio: driver features page {sel} does not exist"),
+            sel => crate::warn_limited!("virtio-mmio: driver features page {sel} does not exist"),
         }
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         // Queues are set up after FEATURES_OK and before DRIVER_OK, and only while not ready.
         if self.status != S_FEATURES_OK {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}",
                 self.status
             );
@@ -299,7 +299,7 @@ impl MmioTransport {
         }
         let sel = self.queue_sel;
         let Some(queue) = self.queues.get_mut(sel as usize) else {
-            log::warn!("virtio-mmio: queue {sel} does not exist");
+            crate::warn_limited!("virtio-mmio: queue {sel} does not exist");
             return;
         };
         if offset == QUEUE_READY {
@@ -307,7 +307,7 @@ impl MmioTransport {
             return;
         }
         if queue.ready {
-            log::warn!("virtio-mmio: queue {sel} register {offset:#x} written while ready");
+            crate::warn_limited!("virtio-mmio: queue {sel} register {offset:#x} written while ready");
             return;
         }
         match offset {
@@ -328,10 +328,10 @@ impl MmioTransport {
         match self.queue_events.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::error!("virtio-mmio: cannot kick queue {index}: {e}");
+                    crate::error_limited!("virtio-mmio: cannot kick queue {index}: {e}");
                 }
             }
-            None => log::warn!("virtio-mmio: notification for queue {index}, which does not exist"),
+            None => crate::warn_limited!("virtio-mmio: notification for queue {index}, which does not exist"),
         }
     }
 
@@ -356,7 +356,7 @@ impl MmioTransport {
             }
             (S_FEATURES_OK, S_DRIVER_OK) => self.activate(),
             (old, new) => {
-                log::warn!("virtio-mmio: invalid status transition {old:#x} -> {new:#x}");
+                crate::warn_limited!("virtio-mmio: invalid status transition {old:#x} -> {new:#x}");
                 old
             }
         };
@@ -365,14 +365,14 @@ impl MmioTransport {
     fn features_acceptable(&self) -> bool {
         let unknown = self.acked_features & !self.avail_features;
         if unknown != 0 {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: device {}: driver acked features {unknown:#x} that were not offered",
                 self.device_type
             );
             return false;
         }
         if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: device {}: legacy driver (VERSION_1 not acked)",
                 self.device_type
             );
@@ -403,10 +403,10 @@ impl MmioTransport {
         match result {
             Ok(()) => S_DRIVER_OK,
             Err(e) => {
-                log::error!("virtio-mmio: device {} cannot start: {e}", self.device_type);
+                crate::error_limited!("virtio-mmio: device {} cannot start: {e}", self.device_type);
                 // The device stays stopped; tell the driver (virtio 1.2, 2.1.2).
                 if let Err(e) = self.interrupt.signal_config_change() {
-                    log::error!("virtio-mmio: cannot raise the config interrupt: {e}");
+                    crate::error_limited!("virtio-mmio: cannot raise the config interrupt: {e}");
                 }
                 S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET
             }
@@ -436,7 +436,7 @@ impl BusDevice for MmioTransport {
         match <&mut [u8; 4]>::try_from(&mut *data) {
             Ok(word) => *word = self.read_register(offset).to_le_bytes(),
             Err(_) => {
-                log::warn!(
+                crate::warn_limited!(
                     "virtio-mmio: {}-byte read of register {offset:#x}",
                     data.len()
                 );
@@ -452,7 +452,7 @@ impl BusDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(word) => self.write_register(offset, u32::from_le_bytes(word)),
-            Err(_) => log::warn!(
+            Err(_) => crate::warn_limited!(
                 "virtio-mmio: {}-byte write of register {offset:#x}",
                 data.len()
             ),

@@ -73,7 +73,7 @@ pub trait VirtioDevice: Send {
 
     /// Writes the device-specific configuration space. Ignored unless the device has writable fields.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
+        crate::warn_limited!(
             "virtio device {}: ignoring a {}-byte config write at {offset:#x}",
             self.device_type(),
             data.len()
@@ -125,7 +125,7 @@ pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
 pub(crate) fn drain_event(evt: &EventFd) {
     if let Err(e) = evt.read() {
         if e.kind() != std::io::ErrorKind::WouldBlock {
-            log::error!("cannot read a queue eventfd: {e}");
+            crate::error_limited!("cannot read a queue eventfd: {e}");
         }
     }
 }

@@ -78,7 +78,7 @@ pub(crate) fn complete_chains(
         // Fails only for a head index past the queue size: nothing to give back then.
         match queue.add_used(mem, head, len) {
             Ok(()) => completed += 1,
-            Err(e) => log::warn!("{what}: cannot complete chain {head}: {e}"),
+            Err(e) => crate::warn_limited!("{what}: cannot complete chain {head}: {e}"),
         }
     }
     completed
@@ -87,7 +87,7 @@ pub(crate) fn complete_chains(
 /// Turns the driver's notifications for `queue` off, while the device works through it anyway.
 pub(crate) fn mute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) {
     if let Err(e) = queue.disable_notification(mem) {
-        log::warn!("{what}: cannot disable queue notifications: {e}");
+        crate::warn_limited!("{what}: cannot disable queue notifications: {e}");
     }
 }
 
@@ -95,7 +95,7 @@ pub(crate) fn mute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) {
 /// effect: they would wait for a notification that never comes, so the caller must look again.
 pub(crate) fn unmute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) -> bool {
     queue.enable_notification(mem).unwrap_or_else(|e| {
-        log::warn!("{what}: cannot enable queue notifications: {e}");
+        crate::warn_limited!("{what}: cannot enable queue notifications: {e}");
         false
     })
 }
@@ -110,7 +110,7 @@ pub(crate) fn keep_going(progress: bool, retried: &mut bool, what: &str) -> bool
         return true;
     }
     if *retried {
-        log::warn!(
+        crate::warn_limited!(
             "{what}: the available index points past what the ring holds; waiting for the driver"
         );
         *retried = false;

@@ -92,7 +92,7 @@ impl Block {
         };
         if process_queue(&active.mem, &mut active.queue, &mut self.disk) {
             if let Err(e) = self.interrupt.signal_used_buffer() {
-                log::error!("virtio-blk: cannot raise the interrupt: {e}");
+                crate::error_limited!("virtio-blk: cannot raise the interrupt: {e}");
             }
         }
     }
@@ -185,7 +185,7 @@ impl VirtioDevice for Block {
         self.active = Some(Active { mem, queue });
         // Have the event loop look at the queue now, in case requests were queued before.
         if let Err(e) = self.queue_events[0].write(1) {
-            log::error!("virtio-blk: cannot kick the queue: {e}");
+            crate::error_limited!("virtio-blk: cannot kick the queue: {e}");
         }
         Ok(())
     }

@@ -148,7 +148,7 @@ pub fn process_request(
     let split = match split_chain(chain) {
         Ok(split) => split,
         Err(e) => {
-            log::warn!("virtio-blk: dropping request: {e}");
+            crate::warn_limited!("virtio-blk: dropping request: {e}");
             return 0;
         }
     };
@@ -161,14 +161,14 @@ pub fn process_request(
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
             match e {
-                RequestError::Disk(_) => log::error!("virtio-blk: {e}"),
-                _ => log::warn!("virtio-blk: bad request: {e}"),
+                RequestError::Disk(_) => crate::error_limited!("virtio-blk: {e}"),
+                _ => crate::warn_limited!("virtio-blk: bad request: {e}"),
             }
             (e.status(), 0)
         }
     };
     if let Err(e) = mem.write_obj(status, split.status) {
-        log::warn!("virtio-blk: cannot write the status byte: {e}");
+        crate::warn_limited!("virtio-blk: cannot write the status byte: {e}");
         return 0;
     }
     written.saturating_add(1)

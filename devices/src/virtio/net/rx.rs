@@ -135,7 +135,7 @@ impl RxBuffer {
             // Checked against guest memory when the chain was taken; memory does not shrink.
             let at = GuestAddress(addr.0 + offset as u64);
             if let Err(e) = mem.write_slice(&bytes[done..done + n], at) {
-                log::error!("virtio-net: cannot write an RX buffer: {e}");
+                crate::error_limited!("virtio-net: cannot write an RX buffer: {e}");
                 break;
             }
             done += n;
@@ -161,7 +161,7 @@ impl RxBuffers {
             match RxBuffer::parse(mem, chain) {
                 Ok(buffer) => self.buffers.push_back(buffer),
                 Err(e) => {
-                    log::warn!("virtio-net: returning RX chain {head} unused: {e}");
+                    crate::warn_limited!("virtio-net: returning RX chain {head} unused: {e}");
                     returned |= queue.add_used(mem, head, 0).is_ok();
                 }
             }
@@ -233,7 +233,7 @@ impl RxBuffers {
         used[0].0.write_at(mem, NUM_BUFFERS, &count.to_le_bytes());
         let entries: Vec<(u16, u32)> = used.iter().map(|(b, n)| (b.head, *n)).collect();
         if let Err(e) = add_used_batch(mem, queue, &entries) {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-net: cannot complete {} RX chains: {e}",
                 entries.len()
             );
@@ -295,7 +295,7 @@ impl RxBuffers {
         }
         // All of the frame's buffers at once: the driver reads num_buffers from the first.
         if let Err(e) = add_used_batch(mem, queue, &used) {
-            log::warn!("virtio-net: cannot complete {} RX chains: {e}", used.len());
+            crate::warn_limited!("virtio-net: cannot complete {} RX chains: {e}", used.len());
         }
         Delivery::Delivered
     }

@@ -77,7 +77,7 @@ impl Tap {
         }
         // Said at the default log level: the user asked for a device that was not there.
         if !existed {
-            log::warn!(
+            crate::warn_limited!(
                 "TAP device {name} did not exist: created it (it goes away when nvmm exits)"
             );
         }

@@ -92,7 +92,7 @@ pub fn process_queue(
     complete_chains(mem, queue, "virtio-net TX", |chain| {
         match gather_frame(mem, chain, scratch) {
             Ok(len) => send(scratch.iovecs(), len),
-            Err(e) => log::warn!("virtio-net: dropping TX frame: {e}"),
+            Err(e) => crate::warn_limited!("virtio-net: dropping TX frame: {e}"),
         }
         // The device writes nothing into TX buffers.
         0
