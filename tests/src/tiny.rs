@@ -195,6 +195,14 @@ impl Asm {
         self
     }
 
+    /// Busy-waits `n` iterations (`mov edx, n; 1: dec edx; jnz 1b`), leaving rcx alone.
+    pub fn delay(mut self, n: u32) -> Self {
+        self.0.push(0xba);
+        self.0.extend(n.to_le_bytes());
+        self.0.extend([0xff, 0xca, 0x75, 0xfc]);
+        self
+    }
+
     /// Pulses the i8042 reset line, which ends nvmm with status 0.
     pub fn reset(mut self) -> Self {
         self.0.extend([0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
@@ -236,13 +244,23 @@ pub fn register_flood_elf(count: u32) -> Vec<u8> {
     a.mmio32(MMIO_MAGIC, 0).loop_back(top).reset().elf()
 }
 
+/// Iterations of the refill guest's wait between rounds: at CPL 0 on a PVM host each one is
+/// emulated (about a microsecond per instruction).
+const REFILL_DELAY: u32 = 100;
+
+/// How far the refill guest moves the available index each round: half a ring, so that a round
+/// the device thread misses (two notifications taken as one) still leaves an index it accepts.
+const REFILL_STEP: u16 = 128;
+
 /// Queue size the refill guest sets up for both virtio-net queues (the device's maximum).
 pub const REFILL_QUEUE_SIZE: u32 = 256;
 
 /// Drives the first virtio-mmio device, a virtio-net, to DRIVER_OK with 256-entry queues, then
 /// offers one and the same 2 KiB RX buffer (descriptor 0) `rounds` times: each round moves the
-/// available index on by a whole ring, every slot of which names descriptor 0, and notifies.
-/// Then resets.
+/// available index on by half a ring, every slot of which names descriptor 0, and notifies.
+/// Between two rounds the guest waits a little, so that the device thread, which takes notifications
+/// through an ioeventfd, sees most rounds one by one (an index that moved by more than a ring at
+/// once is refused before any chain is taken). Then resets.
 pub fn rx_refill_elf(rounds: u32) -> Vec<u8> {
     const RX: u32 = 0x20_0000; // descriptor table; avail ring at +0x1000, used ring at +0x2000
     const TX: u32 = 0x21_0000;
@@ -264,7 +282,7 @@ pub fn rx_refill_elf(rounds: u32) -> Vec<u8> {
     a = a.mmio32(MMIO_STATUS, 15);
     a = a.mov_ecx(rounds);
     let top = a.here();
-    a = a.add_ram16(0x1000 + 2, REFILL_QUEUE_SIZE as u16).mmio32(MMIO_QUEUE_NOTIFY, 0).loop_back(top);
+    a = a.add_ram16(0x1000 + 2, REFILL_STEP).mmio32(MMIO_QUEUE_NOTIFY, 0).delay(REFILL_DELAY).loop_back(top);
     a.reset().elf()
 }
 

@@ -2,11 +2,30 @@
 //!
 //! Writing never panics: `eprintln!` does when stderr is a closed pipe or a full disk, which would
 //! let a guest that makes nvmm log end nvmm. A line that cannot be written is dropped. Lines a
-//! guest can trigger are rate-limited where they are logged (`nvmm_devices::warn_limited!`).
+//! guest can trigger are rate-limited where they are logged (`nvmm_devices::warn_limited!`), and
+//! again here, per call site, which also covers lines from other crates (virtio-queue logs an
+//! error for every bad available index a guest writes).
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::sync::{Mutex, PoisonError};
 
 use log::{LevelFilter, Log, Metadata, Record};
+use nvmm_devices::ratelimit::{Admit, Site};
+
+/// The rate limit of each call site seen so far, by module and line.
+static SITES: Mutex<Option<HashMap<(String, u32), Site>>> = Mutex::new(None);
+
+/// Counts a line from `record`'s call site; `None` if it is to be dropped, else how many were.
+fn admit(record: &Record) -> Option<u64> {
+    let key = (record.module_path().unwrap_or_default().to_string(), record.line().unwrap_or(0));
+    // A panic while holding this lock left plain counters behind: still usable.
+    let mut sites = SITES.lock().unwrap_or_else(PoisonError::into_inner);
+    match sites.get_or_insert_with(HashMap::new).entry(key).or_default().admit() {
+        Admit::Log { suppressed } => Some(suppressed),
+        Admit::Drop => None,
+    }
+}
 
 struct StderrLogger;
 
@@ -16,9 +35,16 @@ impl Log for StderrLogger {
     }
 
     fn log(&self, record: &Record) {
-        if self.enabled(record.metadata()) {
-            write_stderr(&format!("nvmm: {}: {}\n", record.level().as_str().to_lowercase(), record.args()));
+        if !self.enabled(record.metadata()) {
+            return;
         }
+        let Some(suppressed) = admit(record) else { return };
+        let level = record.level().as_str().to_lowercase();
+        let line = match suppressed {
+            0 => format!("nvmm: {level}: {}\n", record.args()),
+            n => format!("nvmm: {level}: {} (after {n} more like it were suppressed)\n", record.args()),
+        };
+        write_stderr(&line);
     }
 
     fn flush(&self) {}
@@ -41,6 +67,14 @@ pub fn write_stderr(text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_from_one_call_site_is_cut() {
+        let record = |line| Record::builder().args(format_args!("x")).module_path(Some("virtio_queue::queue")).line(Some(line)).build();
+        let passed = (0..1000).filter(|_| admit(&record(7)).is_some()).count();
+        assert_eq!(passed, nvmm_devices::ratelimit::LINES_PER_WINDOW as usize);
+        assert_eq!(admit(&record(8)), Some(0), "another call site has its own count");
+    }
 
     #[test]
     fn writing_to_a_full_or_closed_stderr_does_not_panic() {

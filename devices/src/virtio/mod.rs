@@ -45,6 +45,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use block::{Block, BlockConfig, BlockError};
 pub use interrupt::{Interrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 pub(crate) use iovec::{advance, push_guest_iovecs, IOV_MAX};
+pub use ring::Drained;
 pub use mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 pub use net::{parse_mac, Net, NetConfig, NetError};
 pub(crate) use ring::{

@@ -63,16 +63,21 @@ pub(crate) fn add_used_batch(
         .inspect_err(|_| queue.set_next_used(start))
 }
 
-/// Completes every chain the driver has made available with `handle`, which returns each chain's
-/// used length. Returns how many chains it completed.
+/// Completes the chains the driver has made available with `handle`, which returns each chain's
+/// used length, at most `limit` of them: a driver that keeps adding chains from another vCPU
+/// cannot keep the device in one call. Returns how many chains it completed.
 pub(crate) fn complete_chains(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     what: &str,
+    limit: usize,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> usize {
     let mut completed = 0;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    while completed < limit {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
         let head = chain.head_index();
         let len = handle(chain);
         // Fails only for a head index past the queue size: nothing to give back then.
@@ -120,27 +125,44 @@ pub(crate) fn keep_going(progress: bool, retried: &mut bool, what: &str) -> bool
     true
 }
 
+/// What [`drain_queue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// The driver must be interrupted.
+    pub interrupt: bool,
+    /// The budget ran out with chains perhaps left: the caller must come back on a later turn of
+    /// its event loop (notifications stay off meanwhile).
+    pub more: bool,
+}
+
 /// Completes the queue's available chains with `handle`, which returns each chain's used length,
-/// with notifications off until the queue is empty. Returns whether the driver must be
-/// interrupted.
+/// with notifications off until the queue is empty, at most one ring's worth per call: one turn
+/// of the event loop does bounded work, so a park request or another event source waits for at
+/// most that.
 pub(crate) fn drain_queue(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     what: &str,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> bool {
+) -> Drained {
     let (mut completed, since) = (0, queue.next_used());
+    let budget = usize::from(queue.size());
     let mut retried = false;
+    let mut more = false;
     loop {
         mute(mem, queue, what);
         let from = queue.next_avail();
-        completed += complete_chains(mem, queue, what, &mut handle);
+        completed += complete_chains(mem, queue, what, budget - completed, &mut handle);
+        if completed >= budget {
+            more = true;
+            break;
+        }
         let progress = queue.next_avail() != from;
         if !unmute(mem, queue, what) || !keep_going(progress, &mut retried, what) {
             break;
         }
     }
-    completed > 0 && needs_interrupt(mem, queue, since)
+    Drained { interrupt: completed > 0 && needs_interrupt(mem, queue, since), more }
 }
 
 #[cfg(test)]
@@ -176,7 +198,8 @@ mod tests {
         let irq = drain_queue(mem, q, "test", |c| {
             seen.push(c.head_index());
             7
-        });
+        })
+        .interrupt;
         assert_eq!(seen, [head]);
         irq
     }
@@ -195,6 +218,26 @@ mod tests {
             0
         });
         assert_eq!(seen, 0);
+    }
+
+    #[test]
+    fn one_call_completes_at_most_one_ring_and_says_there_is_more() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+        let mut q = queue(&vq, false);
+        // A driver that adds a chain for every one completed, as another vCPU could.
+        add_chain(&vq, 0, &[r(0x10_0000, 16)]);
+        let mut seen = 0u16;
+        let d = drain_queue(&mem, &mut q, "test", |_| {
+            seen += 1;
+            add_chain(&vq, seen % SIZE, &[r(0x10_0000, 16)]);
+            0
+        });
+        assert_eq!(seen, SIZE);
+        assert!(d.more);
+        // Without new chains, the next call empties the queue and is done.
+        let d = drain_queue(&mem, &mut q, "test", |_| 0);
+        assert!(!d.more);
     }
 
     #[test]

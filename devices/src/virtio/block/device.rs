@@ -90,16 +90,23 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if process_queue(&active.mem, &mut active.queue, &mut self.disk) {
+        let drained = process_queue(&active.mem, &mut active.queue, &mut self.disk);
+        if drained.interrupt {
             if let Err(e) = self.interrupt.signal_used_buffer() {
                 crate::error_limited!("virtio-blk: cannot raise the interrupt: {e}");
+            }
+        }
+        // Out of budget for this turn: come back on the next one, after the other events.
+        if drained.more {
+            if let Err(e) = self.queue_events[0].write(1) {
+                crate::error_limited!("virtio-blk: cannot kick the queue: {e}");
             }
         }
     }
 }
 
-/// Completes every request the driver made available. Returns whether the driver must be told.
-pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &mut Disk) -> bool {
+/// Completes the requests the driver made available, at most a ring's worth.
+pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &mut Disk) -> crate::virtio::Drained {
     drain_queue(mem, queue, "virtio-blk", |chain| {
         process_request(mem, chain, disk)
     })
