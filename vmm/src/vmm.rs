@@ -191,7 +191,7 @@ impl Vmm {
             }
         }
         for disk in &self.disks {
-            let block = disk.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut block = disk.device.lock().unwrap_or_else(|e| e.into_inner());
             block.flush().map_err(|err| Error::Flush { path: disk.path.clone(), err })?;
         }
         self.exit.exit(VmExit::Shutdown);

@@ -57,6 +57,8 @@ pub(crate) const SHM_BASE_HIGH: u64 = regs::VIRTIO_MMIO_SHM_BASE_HIGH as u64;
 pub(crate) const CONFIG_GENERATION: u64 = regs::VIRTIO_MMIO_CONFIG_GENERATION as u64;
 /// Start of the device-specific configuration space.
 pub const CONFIG_SPACE: u64 = regs::VIRTIO_MMIO_CONFIG as u64;
+/// The configuration space runs to the end of the window.
+const CONFIG_SPACE_LEN: usize = (MMIO_LEN - CONFIG_SPACE) as usize;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -156,6 +158,8 @@ pub struct MmioTransport {
     avail_features: u64,
     queue_events: Arc<[EventFd]>,
     interrupt: Arc<Interrupt>,
+    /// The whole configuration window as the device reads it (see `VirtioDevice::read_config`).
+    config: Vec<u8>,
 
     status: u32,
     device_features_sel: u32,
@@ -168,8 +172,10 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Wraps `device`. `mem` is handed to the device when the driver activates it.
     pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        let (device_type, avail_features, queues, queue_events, interrupt) = {
+        let (device_type, avail_features, queues, queue_events, interrupt, config) = {
             let dev = device.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut config = vec![0u8; CONFIG_SPACE_LEN];
+            dev.read_config(0, &mut config);
             (
                 dev.device_type(),
                 dev.avail_features(),
@@ -179,6 +185,7 @@ impl MmioTransport {
                     .collect(),
                 dev.queue_events().clone(),
                 dev.interrupt().clone(),
+                config,
             )
         };
         Self {
@@ -188,6 +195,7 @@ impl MmioTransport {
             avail_features,
             queue_events,
             interrupt,
+            config,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -430,7 +438,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.device().read_config(offset - CONFIG_SPACE, data);
+            super::read_config_space(&self.config, offset - CONFIG_SPACE, data);
             return;
         }
         match <&mut [u8; 4]>::try_from(&mut *data) {
@@ -447,7 +455,12 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            self.device().write_config(offset - CONFIG_SPACE, data);
+            crate::warn_limited!(
+                "virtio device {}: ignoring a {}-byte config write at {:#x}",
+                self.device_type,
+                data.len(),
+                offset - CONFIG_SPACE
+            );
             return;
         }
         match <[u8; 4]>::try_from(data) {

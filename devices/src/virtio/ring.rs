@@ -136,17 +136,17 @@ pub struct Drained {
 }
 
 /// Completes the queue's available chains with `handle`, which returns each chain's used length,
-/// with notifications off until the queue is empty, at most one ring's worth per call: one turn
-/// of the event loop does bounded work, so a park request or another event source waits for at
+/// with notifications off until the queue is empty, at most `budget` per call: one turn of the
+/// event loop does bounded work, so a park request, a reset or another event source waits for at
 /// most that.
 pub(crate) fn drain_queue(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     what: &str,
+    budget: usize,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> Drained {
     let (mut completed, since) = (0, queue.next_used());
-    let budget = usize::from(queue.size());
     let mut retried = false;
     let mut more = false;
     loop {
@@ -195,7 +195,7 @@ mod tests {
     ) -> bool {
         add_chain(vq, head, &[r(0x10_0000, 16)]);
         let mut seen = Vec::new();
-        let irq = drain_queue(mem, q, "test", |c| {
+        let irq = drain_queue(mem, q, "test", usize::from(SIZE), |c| {
             seen.push(c.head_index());
             7
         })
@@ -213,7 +213,7 @@ mod tests {
         // Claims a thousand more chains than the ring can hold.
         vq.avail().idx().store(1000);
         let mut seen = 0;
-        drain_queue(&mem, &mut q, "test", |_| {
+        drain_queue(&mem, &mut q, "test", usize::from(SIZE), |_| {
             seen += 1;
             0
         });
@@ -228,7 +228,7 @@ mod tests {
         // A driver that adds a chain for every one completed, as another vCPU could.
         add_chain(&vq, 0, &[r(0x10_0000, 16)]);
         let mut seen = 0u16;
-        let d = drain_queue(&mem, &mut q, "test", |_| {
+        let d = drain_queue(&mem, &mut q, "test", usize::from(SIZE), |_| {
             seen += 1;
             add_chain(&vq, seen % SIZE, &[r(0x10_0000, 16)]);
             0
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(seen, SIZE);
         assert!(d.more);
         // Without new chains, the next call empties the queue and is done.
-        let d = drain_queue(&mem, &mut q, "test", |_| 0);
+        let d = drain_queue(&mem, &mut q, "test", usize::from(SIZE), |_| 0);
         assert!(!d.more);
     }
 

@@ -29,6 +29,8 @@ pub enum DiskError {
     },
     #[error("cannot flush the disk image: {0}")]
     Flush(io::Error),
+    #[error("an earlier flush of the disk image failed ({0}); writes since may be lost, so no flush succeeds again")]
+    FlushFailedBefore(io::ErrorKind),
     #[error("cannot discard {len} bytes at disk offset {offset}: {err}")]
     Discard {
         offset: u64,
@@ -58,6 +60,9 @@ impl Direction {
     }
 }
 
+/// How a flush reaches stable storage; tests put a failing or slow one in its place.
+pub type SyncFn = fn(&File) -> io::Result<()>;
+
 /// An open disk image. Callers check ranges against [`Disk::size`] before any I/O.
 #[derive(Debug)]
 pub struct Disk {
@@ -65,6 +70,11 @@ pub struct Disk {
     size: u64,
     read_only: bool,
     serial: [u8; ID_BYTES],
+    sync: SyncFn,
+    /// Set by the first failed fsync, for good. After a failed fsync Linux may have dropped the
+    /// dirty pages and cleared the error, so a later fsync can succeed without the data being on
+    /// disk: the guest must never be told "flushed" again (as QEMU does).
+    flush_failed: Option<io::ErrorKind>,
 }
 
 impl Disk {
@@ -109,6 +119,8 @@ impl Disk {
             size: len - len % SECTOR_SIZE,
             read_only,
             serial,
+            sync: File::sync_all,
+            flush_failed: None,
         })
     }
 
@@ -208,9 +220,20 @@ impl Disk {
         Ok(())
     }
 
-    /// Makes every completed write durable.
-    pub fn flush(&self) -> Result<(), DiskError> {
-        self.file.sync_all().map_err(DiskError::Flush)
+    /// Makes every completed write durable. Once a flush has failed, every later one fails too.
+    pub fn flush(&mut self) -> Result<(), DiskError> {
+        if let Some(kind) = self.flush_failed {
+            return Err(DiskError::FlushFailedBefore(kind));
+        }
+        (self.sync)(&self.file).map_err(|e| {
+            self.flush_failed = Some(e.kind());
+            DiskError::Flush(e)
+        })
+    }
+
+    /// Replaces how the image is synced (tests: a failing or slow fsync).
+    pub fn set_sync(&mut self, sync: SyncFn) {
+        self.sync = sync;
     }
 
     /// Lets the host reclaim the space. A file system that cannot punch holes just keeps it:
@@ -352,6 +375,21 @@ mod tests {
         let disk = Disk::open(tmp.as_path(), true, None).unwrap();
         assert!(disk.read_only());
         assert!(disk.file.write_at(b"x", 0).is_err());
+    }
+
+    #[test]
+    fn a_failed_flush_is_remembered() {
+        let (_tmp, mut disk) = temp_disk(4096);
+        disk.flush().unwrap();
+        disk.set_sync(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
+        let e = disk.flush().unwrap_err();
+        assert!(matches!(&e, DiskError::Flush(err) if err.raw_os_error() == Some(libc::EIO)), "{e}");
+        // The storage works again, but what the failed fsync lost is lost: still an error.
+        disk.set_sync(File::sync_all);
+        for _ in 0..3 {
+            let e = disk.flush().unwrap_err();
+            assert!(matches!(e, DiskError::FlushFailedBefore(_)), "{e}");
+        }
     }
 
     #[test]
