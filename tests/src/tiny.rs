@@ -286,6 +286,20 @@ pub fn rx_refill_elf(rounds: u32) -> Vec<u8> {
     a.reset().elf()
 }
 
+/// Echoes what arrives on COM1 back to COM1, polling the line status register, until it reads a
+/// `q` (echoed too), then resets.
+pub fn echo_elf() -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xfd, 0x03]; // top: mov dx, 0x3fd (line status)
+    let poll = c.len();
+    c.extend([0xec, 0xa8, 0x01]); // poll: in al, dx; test al, 1 (data ready)
+    c.push(0x74); // jz poll
+    c.push(rel8(c.len() + 1, poll));
+    c.extend([0x66, 0xba, 0xf8, 0x03, 0xec, 0xee]); // mov dx, 0x3f8; in al, dx; out dx, al
+    c.extend([0x3c, b'q', 0x75]); // cmp al, 'q'; jne top
+    c.push(rel8(c.len() + 1, 0));
+    Asm(c).reset().elf()
+}
+
 /// A guest that halts at once and never reads its UART.
 pub fn halt_elf() -> Vec<u8> {
     Asm::default().halt_forever().elf()

@@ -67,3 +67,54 @@ fn one_rx_buffer_offered_ten_thousand_times_keeps_nvmm_small() {
     let own = own_memory_kib(&stderr);
     assert!(own < 10 << 10, "nvmm's own memory {own} KiB: {stderr}");
 }
+
+/// CPU time (user + system, in clock ticks) of process `pid`, from /proc/PID/stat.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// `yes` on stdin and a guest that never reads its UART: once the receive FIFO is full, nvmm stops
+/// reading stdin and sleeps (under 1% of a CPU over 10 s, where it used to spin at 100%).
+#[test]
+fn console_input_the_guest_never_reads_costs_no_cpu() {
+    let elf = write("hostile-yes", "halt.elf", tiny::halt_elf());
+    let mut yes = Command::new("yes").stdout(Stdio::piped()).spawn().unwrap();
+    let mut nvmm = Command::new(nvmm_bin()).args(["--kernel", &elf])
+        .stdin(yes.stdout.take().unwrap()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(nvmm.try_wait().unwrap().is_none(), "nvmm ended early");
+    let before = cpu_ticks(nvmm.id());
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let used = cpu_ticks(nvmm.id()) - before;
+    let _ = nvmm.kill();
+    let _ = nvmm.wait();
+    let _ = yes.kill();
+    let _ = yes.wait();
+    // Clock ticks are 1/100 s on Linux (USER_HZ): 1% of 10 s is 10 ticks.
+    assert!(used < 10, "nvmm used {used} ticks of CPU in 10 s");
+}
+
+/// Input larger than the UART's FIFO reaches a guest that reads it, all of it and in order: stdin
+/// is set aside while the FIFO is full and taken up again when the guest has emptied it.
+#[test]
+fn console_input_flows_at_the_guests_pace() {
+    use std::io::Write;
+    let elf = write("console-echo", "echo.elf", tiny::echo_elf());
+    let input: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).filter(|&b| b != b'q').chain([b'q']).collect();
+    let mut nvmm = Command::new(nvmm_bin()).args(["--kernel", &elf])
+        .stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = nvmm.stdin.take().unwrap();
+    let feed = input.clone();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&feed);
+    });
+    let out = nvmm.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&input));
+}
