@@ -50,6 +50,13 @@ pub enum BlockError {
         read_only: bool,
         err: io::Error,
     },
+    /// Another user holds a lock on the image that ours conflicts with.
+    #[error("disk image {} is in use: {holder}; nvmm opens it {} only when no other user has it {}", .path.display(), access(.read_only), if *.read_only { "read-write" } else { "open" })]
+    Locked {
+        path: PathBuf,
+        read_only: bool,
+        holder: disk::LockHolder,
+    },
     /// The image size cannot be found (seek to its end failed).
     #[error("cannot get the size of disk image {}: {err}", .path.display())]
     Size { path: PathBuf, err: io::Error },

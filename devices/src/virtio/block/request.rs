@@ -737,7 +737,8 @@ mod tests {
         let mut f = Fixture::new(false);
         // A sparse 1 TiB image, so that only the bound can refuse the segment.
         f.tmp.as_file().set_len(1 << 40).unwrap();
-        f.disk = Disk::open(f.tmp.as_path(), false, None).unwrap();
+        // A new Disk for the new size, on the file the fixture's Disk already has (and locks).
+        f.disk = Disk::from_file(f.tmp.as_file().try_clone().unwrap(), false, [0; ID_BYTES]).unwrap();
         f.tmp.as_file().write_all_at(&[0xaa; 512], 0).unwrap();
         f.mem.write_slice(&segment(0, MAX_ZEROES_SECTORS + 1, 0), GuestAddress(DATA)).unwrap();
         f.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
