@@ -102,6 +102,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
+    events.add_subscriber(Arc::new(Mutex::new(crate::signals::StopSignals::install().map_err(|e| Error::EventLoop(format!("cannot handle SIGTERM and SIGINT: {e}")))?)));
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone(), legacy.serial_room.clone()))));
     let device_loops = crate::virtio::spawn_event_loops(virtio.subscribers)?;
     let api_calls = match api.as_mut() {

@@ -58,6 +58,27 @@ pub fn init(level: LevelFilter) {
     log::set_max_level(level);
 }
 
+/// Makes a panic one line on stderr, after the terminal is put back: Rust's default message
+/// spans several lines, and the console is in raw mode. Release builds abort after the hook
+/// (panic=abort); guest RAM is left out of the core dump (see `memory.rs`).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        crate::terminal::restore();
+        write_stderr(&panic_line(info));
+    }));
+}
+
+/// `nvmm: error: internal error in thread 'vcpu0' at src/x.rs:10:5: what (a bug: please report it)`.
+fn panic_line(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("unnamed");
+    let place = info.location().map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column())).unwrap_or_default();
+    let what = info.payload_as_str().unwrap_or("no message");
+    // A message with line breaks would break the one-line promise.
+    let what = what.replace('\n', " ");
+    format!("nvmm: error: internal error in thread '{name}'{place}: {what} (a bug: please report it)\n")
+}
+
 /// Writes `text` to stderr in one call, ignoring failure: with stderr gone there is nowhere left
 /// to report it. (Rust ignores SIGPIPE, so a closed pipe is an EPIPE here, not a signal.)
 pub fn write_stderr(text: &str) {
@@ -67,6 +88,26 @@ pub fn write_stderr(text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_is_one_line_naming_thread_and_place() {
+        let line = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let seen = line.clone();
+        let t = std::thread::Builder::new()
+            .name("vcpu7".into())
+            .spawn(move || {
+                let previous = std::panic::take_hook();
+                std::panic::set_hook(Box::new(move |info| *seen.lock().unwrap() = panic_line(info)));
+                let _ = std::panic::catch_unwind(|| panic!("two\nlines"));
+                std::panic::set_hook(previous);
+            })
+            .unwrap();
+        t.join().unwrap();
+        let line = line.lock().unwrap().clone();
+        assert!(line.starts_with("nvmm: error: internal error in thread 'vcpu7' at vmm/src/logger.rs:"), "{line}");
+        assert!(line.ends_with(": two lines (a bug: please report it)\n"), "{line}");
+        assert_eq!(line.lines().count(), 1);
+    }
 
     #[test]
     fn a_flood_from_one_call_site_is_cut() {

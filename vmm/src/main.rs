@@ -20,8 +20,13 @@ fn main() -> ExitCode {
         },
     };
     nvmm::logger::init(cli.log_level);
+    nvmm::logger::install_panic_hook();
     match cli.command {
-        None => report(run(cli.run, start)),
+        None => match run(cli.run, start) {
+            // An orderly stop on SIGTERM or SIGINT ends as shells report that signal.
+            Ok(()) => nvmm::signals::received().map_or(ExitCode::SUCCESS, |sig| ExitCode::from(nvmm::signals::exit_status(sig))),
+            Err(msg) => report(Err(msg)),
+        },
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
         Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),

@@ -36,7 +36,8 @@ impl RawMode {
     }
 }
 
-fn restore() {
+/// Puts the terminal back as it was, if nvmm changed it (also from the panic hook).
+pub fn restore() {
     if let Ok(saved) = SAVED.try_lock() {
         if let Some(t) = saved.as_ref() {
             // SAFETY: valid fd and termios saved by `enter`.
@@ -64,7 +65,9 @@ fn install_signal_handlers() {
     if HANDLERS_SET.swap(true, Ordering::SeqCst) {
         return;
     }
-    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGSEGV, libc::SIGABRT] {
+    // SIGTERM and SIGINT stop the VM in order (signals.rs), and the terminal is restored on the
+    // way out; these are the signals that end nvmm on the spot.
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGSEGV, libc::SIGABRT] {
         // SAFETY: the handler only calls tcsetattr, signal and raise, which are async-signal-safe.
         unsafe { libc::signal(sig, on_fatal_signal as *const () as libc::sighandler_t) };
     }
