@@ -70,6 +70,18 @@ pub fn nvmm_bin() -> PathBuf {
     path
 }
 
+/// Whether the tests run under CI (`CI` set, and not to `false` or `0`).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// For a test that cannot run on this machine: says why, and under CI fails instead, so that a
+/// skip is never taken for a pass there. Tests in this crate use it rather than returning early.
+pub fn skip(why: &str) {
+    assert!(!under_ci(), "test skipped under CI: {why}");
+    eprintln!("skipped: {why}");
+}
+
 /// A wrapper for [`run_nvmm`]: a private mount namespace whose /dev is an empty tmpfs, so nvmm
 /// finds no /dev/kvm while the host's stays untouched.
 pub const WITHOUT_DEV: &[&str] =

@@ -151,7 +151,7 @@ mod tests {
     #[test]
     fn a_vcpu_pauses_resumes_and_finishes_on_request() {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
+            crate::skip_test("no /dev/kvm");
             return;
         };
         let vm = Vm::create(&kvm, memory::create(64 << 20).unwrap()).unwrap();

@@ -373,7 +373,7 @@ mod tests {
             assert_eq!(net.tap_name(), "nvmmcfg1");
         });
         if done.is_none() {
-            eprintln!("skipped: cannot create a network namespace here");
+            crate::virtio::test_utils::skip("cannot create a network namespace here");
         }
     }
 

@@ -284,7 +284,7 @@ mod tests {
             assert_eq!(sock.recv(), to_host);
         });
         if done.is_none() {
-            eprintln!("skipped: cannot create a network namespace here");
+            crate::virtio::test_utils::skip("cannot create a network namespace here");
         }
     }
 }

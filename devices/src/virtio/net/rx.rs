@@ -185,6 +185,11 @@ impl RxBuffers {
         returned
     }
 
+    /// The head index of each buffer held, in order.
+    pub fn heads(&self) -> impl Iterator<Item = u16> + '_ {
+        self.buffers.iter().map(|b| b.head)
+    }
+
     /// Buffers held.
     pub fn len(&self) -> usize {
         self.buffers.len()

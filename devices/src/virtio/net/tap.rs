@@ -207,7 +207,7 @@ mod tests {
             ));
         });
         if done.is_none() {
-            eprintln!("skipped: cannot create a network namespace here");
+            crate::virtio::test_utils::skip("cannot create a network namespace here");
         }
     }
 }
