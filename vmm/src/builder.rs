@@ -57,10 +57,14 @@ pub enum Error {
     Run(#[from] running::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
+    // Before anything else, so that every thread nvmm or its crates start inherits the filter.
+    crate::seccomp::install(config.seccomp)?;
     // First, so a bad path fails before any work; the socket file goes when `api` is dropped.
     let mut api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let kvm = kvm::open()?;

@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, which must not exist yet.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Seccomp filters, one per kind of thread: on (a forbidden call ends nvmm with one line),
+    /// log (the kernel logs it and lets it through), or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -136,6 +140,7 @@ impl RunArgs {
             nets: self.net,
             entry: self.entry,
             api_socket: self.api_socket,
+            seccomp: self.seccomp,
         })
     }
 }
@@ -156,6 +161,7 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(!c.nested);
         assert!(c.acpi);
+        assert_eq!(c.seccomp, crate::seccomp::Mode::On);
         let c = parse(&["--kernel", "/k", "--no-acpi"]).unwrap().run.into_config().unwrap();
         assert!(!c.acpi);
     }

@@ -22,6 +22,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Seccomp filters on every thread (off, log, on).
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// Whether the guest should get ACPI tables: not when the user said `--no-acpi`, nor when the

@@ -58,6 +58,23 @@ pub fn init(level: LevelFilter) {
     log::set_max_level(level);
 }
 
+/// One line per call site whose last lines were dropped with no later line to say so, at exit.
+pub fn report_suppressed() {
+    let mut dropped: Vec<(String, u32, u64)> =
+        nvmm_devices::ratelimit::take_suppressed().into_iter().map(|(m, l, n)| (m.to_string(), l, n)).collect();
+    if let Some(sites) = SITES.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+        for ((module, line), site) in sites.iter_mut() {
+            let n = site.take_suppressed();
+            if n > 0 {
+                dropped.push((module.clone(), *line, n));
+            }
+        }
+    }
+    for (module, line, n) in dropped {
+        write_stderr(&format!("nvmm: warn: {n} more log lines from {module}:{line} were suppressed\n"));
+    }
+}
+
 /// Makes a panic one line on stderr, after the terminal is put back: Rust's default message
 /// spans several lines, and the console is in raw mode. Release builds abort after the hook
 /// (panic=abort); guest RAM is left out of the core dump (see `memory.rs`).

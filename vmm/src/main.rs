@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     };
     nvmm::logger::init(cli.log_level);
     nvmm::logger::install_panic_hook();
-    match cli.command {
+    let status = match cli.command {
         None => match run(cli.run, start) {
             // An orderly stop on SIGTERM or SIGINT ends as shells report that signal.
             Ok(()) => nvmm::signals::received().map_or(ExitCode::SUCCESS, |sig| ExitCode::from(nvmm::signals::exit_status(sig))),
@@ -30,7 +30,9 @@ fn main() -> ExitCode {
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
         Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),
-    }
+    };
+    nvmm::logger::report_suppressed();
+    status
 }
 
 /// Prints the server's JSON answer; a server error or a missing socket is the one-line failure.
