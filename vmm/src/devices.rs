@@ -130,9 +130,26 @@ impl ConsoleInput {
         }
     }
 
+    /// Free space in the UART's receive FIFO.
+    fn room(&self) -> usize {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).input_room()
+    }
+
     fn read_stdin(&mut self, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        match std::io::stdin().lock().read(&mut buf) {
+        // Read no more than the FIFO takes; with no room at all, read nothing and wait for the
+        // guest (asked first, so that an emptying in between is not missed).
+        let mut room = self.room();
+        if room == 0 {
+            self.room.wait();
+            room = self.room();
+            if room == 0 {
+                self.watch_stdin(ops, false);
+                return;
+            }
+        }
+        let want = room.min(buf.len());
+        match std::io::stdin().lock().read(&mut buf[..want]) {
             Ok(n) if n > 0 => self.pending.extend_from_slice(&buf[..n]),
             // EOF or an error: stop watching, or epoll would report it forever.
             _ => {
