@@ -6,7 +6,7 @@
 //! are then handed to the device. Registers are 32 bits wide and little-endian; other access widths
 //! are ignored, except in the device configuration space at [`CONFIG_SPACE`].
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -160,6 +160,11 @@ pub struct MmioTransport {
     interrupt: Arc<Interrupt>,
     /// The whole configuration window as the device reads it (see `VirtioDevice::read_config`).
     config: Vec<u8>,
+    /// The driver wrote 0 to the status while the device's event loop held its lock (in the
+    /// middle of a request): the reset completes at a later access, and until then the status
+    /// reads as before, which tells the driver to wait (virtio 1.2, 4.2.3.1: it reads the status
+    /// back until it is 0).
+    reset_pending: bool,
 
     status: u32,
     device_features_sel: u32,
@@ -196,6 +201,7 @@ impl MmioTransport {
             queue_events,
             interrupt,
             config,
+            reset_pending: false,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -348,6 +354,8 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // As for the other registers (see `write`), a pending reset completes first.
+        self.finish_reset(true);
         self.status = match (self.status, value) {
             // The driver gave up; keep the rest as it is until it resets the device.
             (old, new) if new & VIRTIO_CONFIG_S_FAILED != 0 => old | VIRTIO_CONFIG_S_FAILED,
@@ -421,8 +429,32 @@ impl MmioTransport {
         }
     }
 
+    /// Status 0. The vCPU does not wait for the request the device may be in the middle of: if
+    /// its lock is taken, the reset completes at a later access (see `reset_pending`).
     fn reset(&mut self) {
-        self.device().reset();
+        self.reset_pending = true;
+        self.finish_reset(false);
+    }
+
+    /// Resets the device, then the registers, if a reset is pending; with `wait`, waits for the
+    /// device's lock, otherwise only if it is free. True once no reset is pending.
+    fn finish_reset(&mut self, wait: bool) -> bool {
+        if !self.reset_pending {
+            return true;
+        }
+        if wait {
+            self.device().reset();
+        } else {
+            match self.device.try_lock() {
+                Ok(mut device) => device.reset(),
+                // A device that panicked on its event loop: its state is still the best we have.
+                Err(TryLockError::Poisoned(p)) => p.into_inner().reset(),
+                Err(TryLockError::WouldBlock) => return false,
+            }
+        }
+        self.reset_pending = false;
+        // After the device, so that a request completed just before cannot leave an interrupt
+        // raised on the reset device.
         self.interrupt.reset();
         self.status = 0;
         self.device_features_sel = 0;
@@ -432,11 +464,16 @@ impl MmioTransport {
         for q in &mut self.queues {
             *q = QueueRegisters::new(q.max_size);
         }
+        true
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A driver waiting for a reset reads the status until it is 0.
+        if offset == STATUS {
+            self.finish_reset(false);
+        }
         if offset >= CONFIG_SPACE {
             super::read_config_space(&self.config, offset - CONFIG_SPACE, data);
             return;
@@ -454,6 +491,11 @@ impl BusDevice for MmioTransport {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        // A driver that goes on without reading the status back (Linux's virtio-mmio does not)
+        // must find the reset done: this write waits for it, the reset write itself did not.
+        if offset != STATUS {
+            self.finish_reset(true);
+        }
         if offset >= CONFIG_SPACE {
             crate::warn_limited!(
                 "virtio device {}: ignoring a {}-byte config write at {:#x}",
@@ -665,6 +707,42 @@ mod tests {
         assert!(dev.lock().unwrap().active.is_none());
         // And the handshake works again.
         assert!(d.negotiate(OFFERED));
+    }
+
+    /// With the device busy (its lock held, as by its event loop in a request), a reset does not
+    /// wait: the status reads as before until the device is free and has been reset. A driver
+    /// that writes on without reading the status back waits for the reset at that write.
+    #[test]
+    fn a_reset_of_a_busy_device_completes_later() {
+        let (mut t, dev) = transport();
+        let mut d = MmioDriver(&mut t);
+        assert!(d.negotiate(OFFERED));
+        let busy = dev.lock().unwrap();
+        d.write(STATUS, 0);
+        assert_eq!(d.read(STATUS), S_FEATURES_OK, "reset before the device was free");
+        drop(busy);
+        assert_eq!(d.read(STATUS), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+
+        assert!(d.negotiate(OFFERED));
+        let holder = {
+            let dev = dev.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = std::thread::spawn(move || {
+                let _busy = dev.lock().unwrap();
+                tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            });
+            rx.recv().unwrap();
+            h
+        };
+        d.write(STATUS, 0);
+        assert!(dev.try_lock().is_err(), "the device should still be busy");
+        // No read-back: this write waits for the device and finds the reset done.
+        d.write(STATUS, S_ACKNOWLEDGE);
+        assert_eq!(dev.lock().unwrap().resets, 2);
+        assert_eq!(d.read(STATUS), S_ACKNOWLEDGE);
+        holder.join().unwrap();
     }
 
     #[test]

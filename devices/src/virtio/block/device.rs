@@ -347,11 +347,23 @@ mod tests {
         assert!(took < FLUSH_TIME / 4, "register accesses took {took:?} during a flush");
         assert_eq!(u64::from_le_bytes(cap), 2048);
         assert_ne!(status, 0);
+
+        // A reset does not wait either: the status reads as before until the device, done with
+        // its request, has been reset, which the driver waits for by reading it back.
+        let t = Instant::now();
+        d.write(STATUS, 0);
+        let still = d.read(STATUS);
+        let took = t.elapsed();
+        assert!(took < FLUSH_TIME / 4, "a reset took {took:?} during a flush");
+        assert_eq!(still, status, "the reset completed while the device was in its request");
         assert!(blk.try_lock().is_err(), "the flush ended before the registers were read");
 
         worker.join().unwrap();
         assert_eq!(used_entry(&vq, 0), (0, 1));
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(d.read(STATUS), 0);
+        assert!(!blk.lock().unwrap().is_activated());
+        assert_eq!(d.read(INTERRUPT_STATUS), 0);
     }
 
     #[test]
