@@ -1,5 +1,6 @@
 #!/bin/bash
-# Builds the cargo-fuzz targets in fuzz/ (virtio-blk and virtio-net request parsing) and runs each
+# Builds the cargo-fuzz targets in fuzz/ (virtio-blk requests, virtio-net RX and TX and repeated RX
+# refills, the virtio-mmio transport in front of a device) and runs each
 # one briefly. A crash, a leak, a timeout or a failed build fails the script. Fuzzing needs the
 # nightly toolchain: without it this script fails, it never skips.
 #

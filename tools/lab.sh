@@ -10,6 +10,8 @@
 #   --mem MIB          guest memory (default 2048)
 #   --timeout SECONDS  wall-clock limit for the whole run (default 600)
 #   --append ARGS      extra kernel command line arguments
+#   --pidfile FILE     write QEMU's PID to FILE (to kill the whole lab from the host, as a power
+#                      cut: drives then hold what L1 wrote to them, not what sits in L1's caches)
 # SCRIPT runs as /lab/run.sh under busybox sh. The console streams to stdout; if stdin is a
 # terminal, it is the console's input.
 # Exit status: the script's, taken from the guest's "NVMM-EXIT N" line; if that line never
@@ -20,7 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 fail() { echo "lab: no exit status: $*" >&2; exit 125; }
 usage() { sed -n '5,/^set /{/^#/p}' "$0" >&2; fail "bad usage${1:+: $1}"; }
 
-extra=() drives=() cpus=2 mem=2048 timeout=600 append=
+extra=() drives=() cpus=2 mem=2048 timeout=600 append= pidfile=
 while [ $# -gt 0 ]; do
     case "$1" in
         --file)    [ $# -ge 2 ] || usage "$1 needs a value"; extra+=("$2"); shift 2 ;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
         --mem)     [ $# -ge 2 ] || usage "$1 needs a value"; mem="$2"; shift 2 ;;
         --timeout) [ $# -ge 2 ] || usage "$1 needs a value"; timeout="$2"; shift 2 ;;
         --append)  [ $# -ge 2 ] || usage "$1 needs a value"; append="$2"; shift 2 ;;
+        --pidfile) [ $# -ge 2 ] || usage "$1 needs a value"; pidfile="$2"; shift 2 ;;
         -h|--help) usage ;;
         --)        shift; break ;;
         -*)        usage "unknown option $1" ;;
@@ -67,6 +70,11 @@ qemu=(qemu-system-x86_64 -M microvm,acpi=off -accel tcg,thread=multi -cpu EPYC,+
       -smp "$cpus" -m "$mem" -nographic -no-reboot -nic none
       -kernel "$GUEST_DIR/bzImage" -initrd "$tmp/initrd"
       -append "console=ttyS0 reboot=t panic=-1 acpi=off $tsc nvmm.run=/lab/run.sh $append")
+[ -z "$pidfile" ] || qemu+=(-pidfile "$pidfile")
+# Drives use QEMU's default cache (writeback): what L1 writes goes to the host's page cache at once,
+# and a flush from L1 becomes an fdatasync. The host's page cache survives QEMU's death, so after a
+# kill the image holds exactly what L1 had written out, and none of what was still in L1's own
+# page cache.
 i=0
 for d in "${drives[@]}"; do
     [ -f "$d" ] || [ -b "$d" ] || fail "no such drive image: $d"

@@ -40,7 +40,7 @@ impl AcpiPm {
 
     fn signal(&self, which: &EventFdTrigger, what: &str) {
         if let Err(e) = which.write(1) {
-            log::error!("ACPI {what} could not be signalled: {e}");
+            crate::error_limited!("ACPI {what} could not be signalled: {e}");
         }
     }
 }
@@ -60,7 +60,7 @@ impl BusDevice for AcpiPm {
                     self.signal(&self.power_off, "power-off");
                 } else if !self.warned {
                     self.warned = true;
-                    log::warn!("guest asked for ACPI sleep type {sleep_type}; only S5 (power off) is offered");
+                    crate::warn_limited!("guest asked for ACPI sleep type {sleep_type}; only S5 (power off) is offered");
                 }
             }
             RESET if value == RESET_VALUE => self.signal(&self.reset, "reset"),

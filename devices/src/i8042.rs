@@ -33,7 +33,7 @@ impl BusDevice for I8042 {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&value) = data.first() {
             if let Err(e) = self.dev.write(offset as u8, value) {
-                log::error!("i8042 reset could not be signalled: {e}");
+                crate::error_limited!("i8042 reset could not be signalled: {e}");
             }
         }
     }

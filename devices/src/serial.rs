@@ -1,9 +1,12 @@
 //! The 16550A UART (vm-superio) on the port bus: output to a writer, input pushed by the VMM.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::trigger::EventFdTrigger;
@@ -13,15 +16,54 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const PORT_COUNT: u64 = 8;
 
+/// Tells whoever feeds the UART that the guest emptied its receive FIFO, so that input waiting for
+/// room (and the host's stdin, left unwatched meanwhile) can move on. It signals only while
+/// someone waits: a guest polling an empty receive register costs nothing more.
+#[derive(Debug)]
+pub struct InputRoom {
+    event: EventFd,
+    waiting: AtomicBool,
+}
+
+impl InputRoom {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { event: EventFd::new(libc::EFD_NONBLOCK)?, waiting: AtomicBool::new(false) })
+    }
+
+    /// Readable once the FIFO has been emptied after [`InputRoom::wait`].
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+
+    /// Asks for a signal when the guest next empties the FIFO.
+    pub fn wait(&self) {
+        self.waiting.store(true, Ordering::SeqCst);
+    }
+}
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if self.waiting.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.event.write(1) {
+                crate::error_limited!("serial: cannot signal room for input: {e}");
+            }
+        }
+    }
+}
+
 pub struct SerialPort {
-    uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, Arc<InputRoom>, Box<dyn Write + Send>>,
 }
 
 impl SerialPort {
-    /// `interrupt` is signalled when the guest should look at the UART (wired to an irqfd).
-    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+    /// `interrupt` is signalled when the guest should look at the UART (wired to an irqfd);
+    /// `room` when the guest has emptied the receive FIFO while input waited.
+    pub fn new(interrupt: EventFdTrigger, room: Arc<InputRoom>, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Serial::new(interrupt, out),
+            uart: Serial::with_events(interrupt, room, out),
         }
     }
 
@@ -31,7 +73,7 @@ impl SerialPort {
         match self.uart.enqueue_raw_bytes(&bytes[..room]) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("serial input dropped: {e:?}");
+                crate::warn_limited!("serial input dropped: {e:?}");
                 0
             }
         }
@@ -82,8 +124,10 @@ mod tests {
     fn output_and_input() {
         let sink = Sink::default();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let room = Arc::new(InputRoom::new().unwrap());
         let mut s = SerialPort::new(
             EventFdTrigger(evt.try_clone().unwrap()),
+            room.clone(),
             Box::new(sink.clone()),
         );
         for b in b"hi" {
@@ -98,5 +142,28 @@ mod tests {
         assert_eq!(b[0] & 1, 1);
         s.read(0, &mut b);
         assert_eq!(b[0], b'x');
+        // Nobody waits for room: emptying the FIFO signals nothing.
+        assert!(room.event().read().is_err());
+    }
+
+    #[test]
+    fn emptying_the_fifo_signals_room_once_when_asked() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let room = Arc::new(InputRoom::new().unwrap());
+        let mut s = SerialPort::new(EventFdTrigger(evt), room.clone(), Box::new(Sink::default()));
+        let full = vec![b'y'; 1000];
+        let took = s.enqueue_input(&full);
+        assert_eq!(s.input_room(), 0);
+        room.wait();
+        let mut b = [0u8];
+        for _ in 0..took - 1 {
+            s.read(0, &mut b);
+        }
+        assert!(room.event().read().is_err(), "signalled before the FIFO was empty");
+        s.read(0, &mut b);
+        assert_eq!(room.event().read().unwrap(), 1);
+        // Polling the empty register again does not signal without a new wait().
+        s.read(0, &mut b);
+        assert!(room.event().read().is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! Block requests from arbitrary descriptor chains against a real 64 KiB disk image. The first
-//! input byte picks read-only (bit 0); the rest is guest memory (see `nvmm_fuzz::guest`).
+//! input byte picks read-only (bit 0); the rest is the shape and contents of guest memory (see
+//! `nvmm_fuzz::guest`).
 
 #![no_main]
 

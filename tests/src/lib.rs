@@ -70,6 +70,18 @@ pub fn nvmm_bin() -> PathBuf {
     path
 }
 
+/// Whether the tests run under CI (`CI` set, and not to `false` or `0`).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// For a test that cannot run on this machine: says why, and under CI fails instead, so that a
+/// skip is never taken for a pass there. Tests in this crate use it rather than returning early.
+pub fn skip(why: &str) {
+    assert!(!under_ci(), "test skipped under CI: {why}");
+    eprintln!("skipped: {why}");
+}
+
 /// A wrapper for [`run_nvmm`]: a private mount namespace whose /dev is an empty tmpfs, so nvmm
 /// finds no /dev/kvm while the host's stays untouched.
 pub const WITHOUT_DEV: &[&str] =
@@ -114,6 +126,7 @@ pub struct Lab {
     mem_mib: u32,
     timeout_secs: u64,
     append: Vec<String>,
+    kill_on: Option<String>,
 }
 
 impl Default for Lab {
@@ -133,6 +146,7 @@ impl Lab {
             mem_mib: 2048,
             timeout_secs: 600,
             append: Vec::new(),
+            kill_on: None,
         }
     }
 
@@ -177,6 +191,14 @@ impl Lab {
         self
     }
 
+    /// Kill the whole lab, QEMU itself, with SIGKILL from the host as soon as a console line
+    /// contains `marker`: a power cut for L1, whose page cache is lost while what it wrote to its
+    /// drives stays (see tools/lab.sh). The run then has no status.
+    pub fn kill_on(mut self, marker: &str) -> Self {
+        self.kill_on = Some(marker.to_string());
+        self
+    }
+
     /// Boot the lab, run `script` with busybox sh, and collect the console. The console is
     /// echoed with `eprint!` as it arrives: libtest shows it when the test fails (or live
     /// with `--nocapture`).
@@ -208,6 +230,11 @@ impl Lab {
             "--append".into(),
             self.append.join(" "),
         ]);
+        let pidfile = TempFile::new("qemu.pid");
+        if self.kill_on.is_some() {
+            args.push("--pidfile".into());
+            args.push(pidfile.0.display().to_string());
+        }
         args.push(script_file.0.display().to_string());
 
         // One stream for the console and lab.sh's own messages, in order.
@@ -231,6 +258,10 @@ impl Lab {
                     let text = String::from_utf8_lossy(&line).replace('\r', "");
                     eprint!("{text}");
                     output.push_str(&text);
+                    if self.kill_on.as_deref().is_some_and(|m| text.contains(m)) && !output.contains(KILLED) {
+                        kill_qemu(&pidfile.0);
+                        output.push_str(&format!("{KILLED}\n"));
+                    }
                 }
                 Err(e) => panic!("reading the lab console: {e}"),
             }
@@ -243,6 +274,17 @@ impl Lab {
         };
         LabRun { status, output }
     }
+}
+
+/// What [`Lab::kill_on`] adds to the run's output once it has killed QEMU.
+pub const KILLED: &str = "lab: killed QEMU from the host";
+
+/// SIGKILL to the QEMU process whose PID is in `pidfile`.
+fn kill_qemu(pidfile: &Path) {
+    let pid = std::fs::read_to_string(pidfile).unwrap_or_else(|e| panic!("QEMU's pidfile {}: {e}", pidfile.display()));
+    let status = Command::new("kill").args(["-KILL", pid.trim()]).status().expect("run kill");
+    assert!(status.success(), "kill -KILL {} failed", pid.trim());
+    eprintln!("{KILLED} (pid {})", pid.trim());
 }
 
 /// The outcome of [`Lab::run`].

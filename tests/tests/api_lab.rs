@@ -33,7 +33,9 @@ wait_for_counts() {
 /// Pause and resume the counter.
 const L1: &str = r#"
 mark=L2-COUNT
-/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M --api-socket $sock --cmdline "$CMDLINE" > $out 2>&1 &
+# Created before nvmm starts: the background job's own redirection may come after the first count.
+: > $out
+/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M --api-socket $sock --cmdline "$CMDLINE" >> $out 2>&1 &
 pid=$!
 wait_for_counts 10
 /lab/nvmm ctl $sock pause || exit 1
@@ -90,7 +92,8 @@ done
 const L1_DISK: &str = r#"
 mark=L2-WRITES
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
-/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M --disk path=/tmp/disk.img --api-socket $sock --cmdline "$CMDLINE" > $out 2>&1 &
+: > $out
+/lab/nvmm --kernel /lab/bzImage --initrd /lab/l2.cpio --mem 256M --disk path=/tmp/disk.img --api-socket $sock --cmdline "$CMDLINE" >> $out 2>&1 &
 pid=$!
 wait_for_counts 5
 /lab/nvmm ctl $sock pause || exit 1

@@ -101,11 +101,88 @@ fn no_permission_on_kvm_device() {
 #[test]
 fn missing_kernel_flag_and_bad_values() {
     assert_one_line_error(&[], &[], "--kernel is required");
-    for args in [&["--kernel", "k", "--cpus", "0"][..], &["--kernel", "k", "--mem", "lots"], &["--kernel", "k", "--disk", "ro=on"]] {
-        let (code, _, stderr) = run_nvmm(&[], args);
-        assert_eq!(code, Some(2), "{args:?}: {stderr}");
-        assert!(stderr.starts_with("error: "), "{stderr}");
+    // clap's own refusals are one line and status 1 too, naming the flag and the value.
+    for (args, expected) in [
+        (&["--kernel", "k", "--cpus", "0"][..], "'0' for '--cpus"),
+        (&["--kernel", "k", "--cpus", "65"], "'65' for '--cpus"),
+        (&["--kernel", "k", "--mem", "0"], "'0' for '--mem"),
+        (&["--kernel", "k", "--mem", "lots"], "invalid size 'lots'"),
+        (&["--kernel", "k", "--disk", "ro=on"], "path=FILE is required"),
+        (&["--kernel", "k", "--disk", "path=/a,readonly=maybe"], "readonly takes on or off"),
+        (&["--kernel", "k", "--frobnicate"], "'--frobnicate'"),
+        (&["bench"], "a subcommand is required"),
+    ] {
+        assert_one_line_error(&[], args, expected);
     }
+}
+
+#[test]
+fn help_and_version_go_to_stdout_with_status_0() {
+    for (flag, expected) in [("--help", "--kernel <PATH>"), ("--version", "nvmm ")] {
+        let (code, stdout, stderr) = run_nvmm(&[], &[flag]);
+        assert_eq!(code, Some(0), "{flag}: {stderr}");
+        assert!(stdout.contains(expected), "{flag}: {stdout}");
+        assert_eq!(stderr, "", "{flag}");
+    }
+}
+
+#[test]
+fn memory_that_is_not_whole_pages() {
+    assert_one_line_error(&[], &["--kernel", &kernel(), "--mem", "262145K"], "--mem 262145K is not a whole number of 4096-byte pages");
+}
+
+/// Runs nvmm with `args`, killing it if it has not ended within 10 s (then the test fails).
+fn run_nvmm_bounded(args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(nvmm_tests::nvmm_bin()).args(args).stdin(Stdio::null()).stdout(Stdio::null())
+        .stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("nvmm {args:?} still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status.code(), stderr)
+}
+
+fn assert_bounded_one_line_error(args: &[&str], expected: &str) {
+    let (code, stderr) = run_nvmm_bounded(args);
+    assert_eq!(code, Some(1), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("nvmm: error: ") && stderr.contains(expected), "expected '{expected}' in: {stderr}");
+}
+
+#[test]
+fn kernel_and_initrd_must_be_regular_files() {
+    let fifo = scratch_dir("errors").join("kernel.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success(), "mkfifo");
+    // No writer ever opens the FIFO: reading it would wait forever.
+    assert_bounded_one_line_error(&["--kernel", s(&fifo)], "it is a FIFO, not a regular file");
+    assert_bounded_one_line_error(&["--kernel", "/dev/zero"], "cannot use /dev/zero as the kernel: it is a character device");
+    assert_bounded_one_line_error(&["--kernel", "/etc"], "cannot use /etc as the kernel: it is a directory");
+    assert_bounded_one_line_error(&["--kernel", &kernel(), "--initrd", s(&fifo)], "as the initrd: it is a FIFO");
+    assert_bounded_one_line_error(&["--kernel", &kernel(), "--initrd", "/dev/zero"], "as the initrd: it is a character device");
+}
+
+#[test]
+fn bench_console_with_a_huge_count_is_an_error_not_a_crash() {
+    let p = scratch_dir("errors").join("huge-count.console");
+    std::fs::write(&p, format!("nvmm-bench-raw loop {}\n00000001\n", u64::MAX)).unwrap();
+    let (code, stderr) = run_nvmm_bounded(&["bench", "exits", "--from-console", s(&p)]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("nvmm: error: "), "{stderr}");
 }
 
 #[test]

@@ -57,10 +57,14 @@ pub enum Error {
     Run(#[from] running::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
+    // Before anything else, so that every thread nvmm or its crates start inherits the filter.
+    crate::seccomp::install(config.seccomp)?;
     // First, so a bad path fails before any work; the socket file goes when `api` is dropped.
     let mut api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let kvm = kvm::open()?;
@@ -102,7 +106,8 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
-    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone()))));
+    events.add_subscriber(Arc::new(Mutex::new(crate::signals::StopSignals::install().map_err(|e| Error::EventLoop(format!("cannot handle SIGTERM and SIGINT: {e}")))?)));
+    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone(), legacy.serial_room.clone()))));
     let device_loops = crate::virtio::spawn_event_loops(virtio.subscribers)?;
     let api_calls = match api.as_mut() {
         Some(server) => {

@@ -59,7 +59,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_mem)]
     pub mem: u64,
     /// Number of vCPUs, 1 to 64, one thread each.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS as i64))]
@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, which must not exist yet.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Seccomp filters, one per kind of thread: on (a forbidden call ends nvmm with one line),
+    /// log (the kernel logs it and lets it through), or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -93,6 +97,33 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 pub enum Error {
     #[error("--kernel is required (see --help)")]
     NoKernel,
+}
+
+/// What a command line that clap did not accept comes to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--help` or `--version`: print this on stdout and exit 0.
+    Print(String),
+    /// A mistake: print this one line (without the `nvmm: error: ` prefix) and exit 1.
+    Error(String),
+}
+
+/// Sorts a clap error into help or version text, printed as clap wrote it, or one line: the
+/// first line of clap's message, which names the flag and the value, without its usage block.
+pub fn refusal(err: &clap::Error) -> Refusal {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => Refusal::Print(err.render().to_string()),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            Refusal::Error("a subcommand is required (see --help)".into())
+        }
+        _ => {
+            let text = err.render().to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid command line");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            Refusal::Error(format!("{first} (see --help)"))
+        }
+    }
 }
 
 impl RunArgs {
@@ -109,6 +140,7 @@ impl RunArgs {
             nets: self.net,
             entry: self.entry,
             api_socket: self.api_socket,
+            seccomp: self.seccomp,
         })
     }
 }
@@ -129,6 +161,7 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(!c.nested);
         assert!(c.acpi);
+        assert_eq!(c.seccomp, crate::seccomp::Mode::On);
         let c = parse(&["--kernel", "/k", "--no-acpi"]).unwrap().run.into_config().unwrap();
         assert!(!c.acpi);
     }
@@ -162,6 +195,24 @@ mod tests {
         assert!(matches!(c.command, Some(Command::Ctl { command: crate::api::client::Command::Pause, .. })));
         assert!(parse(&["ctl", "/run/nvmm.sock", "explode"]).is_err());
         assert!(parse(&["ctl", "/run/nvmm.sock"]).is_err());
+    }
+
+    #[test]
+    fn clap_errors_become_one_line_and_help_is_printed() {
+        for args in [&["--kernel", "/k", "--mem", "0"][..], &["--kernel", "/k", "--cpus", "65"], &["--bogus"],
+            &["--kernel", "/k", "--disk", "path=/a,readonly=maybe"], &["bench"]] {
+            match refusal(&parse(args).unwrap_err()) {
+                Refusal::Error(line) => {
+                    assert!(!line.contains('\n') && !line.starts_with("error"), "{args:?}: {line}");
+                    assert!(line.ends_with("(see --help)"), "{line}");
+                }
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+        let Refusal::Error(line) = refusal(&parse(&["--kernel", "/k", "--cpus", "65"]).unwrap_err()) else { panic!() };
+        assert!(line.contains("--cpus") && line.contains("65"), "{line}");
+        assert!(matches!(refusal(&parse(&["--help"]).unwrap_err()), Refusal::Print(t) if t.contains("--kernel")));
+        assert!(matches!(refusal(&parse(&["--version"]).unwrap_err()), Refusal::Print(t) if t.starts_with("nvmm ")));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Seccomp filters on every thread (off, log, on).
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// Whether the guest should get ACPI tables: not when the user said `--no-acpi`, nor when the
@@ -63,6 +65,8 @@ pub const MAX_CPUS: u8 = 64;
 pub enum Error {
     #[error("invalid size '{0}': expected a number with an optional K, M, G or T suffix (bare numbers are MiB)")]
     Size(String),
+    #[error("--mem {0} is not a whole number of {1}-byte pages (KVM maps guest RAM by the page)")]
+    Unaligned(String, u64),
     #[error("invalid --disk '{0}': {1}")]
     Disk(String, String),
     #[error("invalid --net '{0}': {1}")]
@@ -85,6 +89,24 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
         _ => return Err(err()),
     };
     n.checked_mul(1u64 << shift).filter(|&v| v > 0).ok_or_else(err)
+}
+
+/// Parses `--mem`: a size (see [`parse_size`]) that is a whole number of host pages, which is
+/// all KVM_SET_USER_MEMORY_REGION accepts.
+pub fn parse_mem(s: &str) -> Result<u64, Error> {
+    let bytes = parse_size(s)?;
+    let page = host_page_size();
+    if bytes % page != 0 {
+        return Err(Error::Unaligned(s.to_string(), page));
+    }
+    Ok(bytes)
+}
+
+/// The host's page size; 4 KiB if sysconf cannot say.
+pub fn host_page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 /// Splits `key=value,key=value` option strings.
@@ -149,6 +171,15 @@ mod tests {
         for bad in ["", "0", "M", "12X", "-1", "1.5G", "99999999999999999999G", "16777216T"] {
             assert_eq!(parse_size(bad), Err(Error::Size(bad.into())), "{bad}");
         }
+    }
+
+    #[test]
+    fn memory_must_be_whole_pages() {
+        assert_eq!(parse_mem("256M"), Ok(256 << 20));
+        assert_eq!(parse_mem("8K"), Ok(8 << 10));
+        assert_eq!(parse_mem("1025K"), Err(Error::Unaligned("1025K".into(), host_page_size())));
+        assert!(Error::Unaligned("1025K".into(), 4096).to_string().contains("4096-byte pages"));
+        assert_eq!(parse_mem("0"), Err(Error::Size("0".into())));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use event_manager::{EventManager, SubscriberOps};
 
 use crate::devices::Subscriber;
 use crate::mailbox::{mailbox, Inbox, Mailbox};
+use crate::seccomp::ThreadKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +52,11 @@ pub struct DeviceLoop {
 
 /// Starts a thread named `name` that serves `subscribers` until stopped.
 pub fn spawn(name: &str, subscribers: Vec<Subscriber>) -> Result<DeviceLoop, Error> {
+    spawn_confined(name, None, subscribers)
+}
+
+/// [`spawn`], the thread confined by the seccomp filter of `kind` before it serves anything.
+pub fn spawn_confined(name: &str, kind: Option<ThreadKind>, subscribers: Vec<Subscriber>) -> Result<DeviceLoop, Error> {
     let start = |msg: String| Error::Start { name: name.to_string(), msg };
     let mut events: EventManager<Subscriber> = EventManager::new().map_err(|e| start(format!("{e:?}")))?;
     let (requests, inbox) = mailbox().map_err(|e| start(e.to_string()))?;
@@ -62,7 +68,12 @@ pub fn spawn(name: &str, subscribers: Vec<Subscriber>) -> Result<DeviceLoop, Err
     let thread_name = name.to_string();
     let thread = thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || serve(&thread_name, events, &inbox, &answer))
+        .spawn(move || {
+            if let Some(kind) = kind {
+                crate::seccomp::enter_or_exit(kind, &thread_name);
+            }
+            serve(&thread_name, events, &inbox, &answer)
+        })
         .map_err(|e| start(e.to_string()))?;
     Ok(DeviceLoop { name: name.to_string(), requests, answers, thread: Some(thread) })
 }

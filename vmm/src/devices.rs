@@ -10,7 +10,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nvmm_devices::acpi_pm::{self, AcpiPm, ACPI_PM_PORT};
 use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use nvmm_devices::i8042::{self, I8042};
-use nvmm_devices::serial::{self, SerialPort};
+use nvmm_devices::serial::{self, InputRoom, SerialPort};
 use nvmm_devices::trigger::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -37,6 +37,8 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// The legacy devices, and what the event loop needs to serve them.
 pub struct Legacy {
     pub serial: Arc<Mutex<SerialPort>>,
+    /// Signalled when the guest empties the serial receive FIFO, while console input waits.
+    pub serial_room: Arc<InputRoom>,
     /// Signalled by the i8042 reset line and the ACPI reset register.
     pub reset: EventFd,
     /// Signalled when the guest enters ACPI S5.
@@ -48,7 +50,8 @@ pub struct Legacy {
 pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Result<Legacy, Error> {
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(EventFdTrigger(serial_irq), Box::new(std::io::stdout()))));
+    let serial_room = Arc::new(InputRoom::new().map_err(Error::EventFd)?);
+    let serial = Arc::new(Mutex::new(SerialPort::new(EventFdTrigger(serial_irq), serial_room.clone(), Box::new(std::io::stdout()))));
     io.pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())?;
 
     let reset = eventfd()?;
@@ -64,49 +67,120 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Re
         );
         io.pio.insert(ACPI_PM_PORT, acpi_pm::PORT_COUNT, Arc::new(Mutex::new(pm)))?;
     }
-    Ok(Legacy { serial, reset, power_off })
+    Ok(Legacy { serial, serial_room, reset, power_off })
 }
 
-/// Feeds the host's stdin to the guest's serial port.
+/// Feeds the host's stdin to the guest's serial port, only as fast as the guest reads it: once the
+/// receive FIFO is full, stdin is no longer watched (a level-triggered stdin with unread input
+/// would wake the main loop forever) until the guest empties the FIFO.
 pub struct ConsoleInput {
     serial: Arc<Mutex<SerialPort>>,
+    room: Arc<InputRoom>,
     pending: Vec<u8>,
+    /// Whether stdin is in the event loop (it is not while input waits for room, nor after EOF).
+    watching: bool,
+    /// Stdin reached its end or failed: never watched again.
+    ended: bool,
 }
 
+/// `Events::data` of each source.
+const STDIN: u32 = 0;
+const ROOM: u32 = 1;
+
 impl ConsoleInput {
-    pub fn new(serial: Arc<Mutex<SerialPort>>) -> Self {
-        Self { serial, pending: Vec::new() }
+    pub fn new(serial: Arc<Mutex<SerialPort>>, room: Arc<InputRoom>) -> Self {
+        Self { serial, room, pending: Vec::new(), watching: false, ended: false }
     }
 
-    fn flush_pending(&mut self) {
+    fn stdin_events() -> Events {
+        Events::with_data(&std::io::stdin(), STDIN, EventSet::IN)
+    }
+
+    /// Moves what fits into the FIFO; true if everything did.
+    fn flush_pending(&mut self) -> bool {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let n = serial.enqueue_input(&self.pending);
         self.pending.drain(..n);
+        self.pending.is_empty()
+    }
+
+    /// [`Self::flush_pending`]; when the FIFO is full, asks the UART to signal once the guest has
+    /// emptied it. The second try, after asking, catches an emptying just before the request.
+    fn deliver(&mut self) -> bool {
+        if self.flush_pending() {
+            return true;
+        }
+        self.room.wait();
+        self.flush_pending()
+    }
+
+    /// Watches stdin again, or asks the UART to say when there is room.
+    fn watch_stdin(&mut self, ops: &mut EventOps, watch: bool) {
+        if watch == self.watching || self.ended {
+            return;
+        }
+        let result = if watch { ops.add(Self::stdin_events()) } else { ops.remove(Self::stdin_events()) };
+        match result {
+            Ok(()) => self.watching = watch,
+            // stdin may be a file or closed (e.g. under CI); the guest then has no console input.
+            Err(e) => {
+                log::debug!("console input unavailable: {e:?}");
+                self.ended = true;
+            }
+        }
+    }
+
+    /// Free space in the UART's receive FIFO.
+    fn room(&self) -> usize {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).input_room()
+    }
+
+    fn read_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        // Read no more than the FIFO takes; with no room at all, read nothing and wait for the
+        // guest (asked first, so that an emptying in between is not missed).
+        let mut room = self.room();
+        if room == 0 {
+            self.room.wait();
+            room = self.room();
+            if room == 0 {
+                self.watch_stdin(ops, false);
+                return;
+            }
+        }
+        let want = room.min(buf.len());
+        match std::io::stdin().lock().read(&mut buf[..want]) {
+            Ok(n) if n > 0 => self.pending.extend_from_slice(&buf[..n]),
+            // EOF or an error: stop watching, or epoll would report it forever.
+            _ => {
+                self.watch_stdin(ops, false);
+                self.ended = true;
+                return;
+            }
+        }
+        if !self.deliver() {
+            // The FIFO is full: sleep until the guest empties it.
+            self.watch_stdin(ops, false);
+        }
     }
 }
 
 impl MutEventSubscriber for ConsoleInput {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&std::io::stdin(), EventSet::IN)) {
-            // stdin may be a file or closed (e.g. under CI); the guest then has no console input.
-            log::debug!("console input unavailable: {e:?}");
+        if let Err(e) = ops.add(Events::with_data(self.room.event(), ROOM, EventSet::IN)) {
+            log::error!("cannot watch the serial port for room: {e:?}");
         }
+        self.watch_stdin(ops, true);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if !self.pending.is_empty() {
-            self.flush_pending();
-            return;
-        }
-        let mut buf = [0u8; 64];
-        match std::io::stdin().lock().read(&mut buf) {
-            Ok(n) if n > 0 => {
-                self.pending.extend_from_slice(&buf[..n]);
-                self.flush_pending();
-            }
-            // EOF or an error: stop watching, or epoll would report it forever.
+        match events.data() {
+            STDIN => self.read_stdin(ops),
             _ => {
-                let _ = ops.remove(events);
+                let _ = self.room.event().read();
+                if self.deliver() {
+                    self.watch_stdin(ops, true);
+                }
             }
         }
     }

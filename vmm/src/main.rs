@@ -3,25 +3,43 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nvmm::cli::{BenchCommand, Cli, Command, RunArgs};
+use nvmm::cli::{BenchCommand, Cli, Command, Refusal, RunArgs};
 use nvmm::vcpu::VmExit;
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match nvmm::cli::refusal(&e) {
+            Refusal::Print(text) => {
+                // A reader that stops early (`nvmm --help | head`) is not an error of ours.
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                return ExitCode::SUCCESS;
+            }
+            Refusal::Error(msg) => return report(Err(msg)),
+        },
+    };
     nvmm::logger::init(cli.log_level);
-    match cli.command {
-        None => report(run(cli.run, start)),
+    nvmm::logger::install_panic_hook();
+    let status = match cli.command {
+        None => match run(cli.run, start) {
+            // An orderly stop on SIGTERM or SIGINT ends as shells report that signal.
+            Ok(()) => nvmm::signals::received().map_or(ExitCode::SUCCESS, |sig| ExitCode::from(nvmm::signals::exit_status(sig))),
+            Err(msg) => report(Err(msg)),
+        },
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
         Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),
-    }
+    };
+    nvmm::logger::report_suppressed();
+    status
 }
 
 /// Prints the server's JSON answer; a server error or a missing socket is the one-line failure.
 fn ctl(socket: &std::path::Path, command: nvmm::api::client::Command) -> Result<(), String> {
     let answer = nvmm::api::client::call(socket, command).map_err(|e| e.to_string())?;
-    println!("{answer}");
+    // A reader that stops early is not an error of ours.
+    let _ = writeln!(std::io::stdout().lock(), "{answer}");
     Ok(())
 }
 
@@ -30,7 +48,7 @@ fn report(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("nvmm: error: {msg}");
+            nvmm::logger::write_stderr(&format!("nvmm: error: {msg}\n"));
             ExitCode::FAILURE
         }
     }

@@ -78,7 +78,24 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
             return Err(Error::TooLarge { mib, host_mib });
         }
     }
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Allocate(mib, e))
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Allocate(mib, e))?;
+    leave_out_of_core_dumps(&mem);
+    Ok(mem)
+}
+
+/// Marks guest RAM `MADV_DONTDUMP`: a core dump of nvmm (after a panic, with panic=abort) would
+/// otherwise hold all of the guest's memory, which is the guest's data and may be gigabytes.
+fn leave_out_of_core_dumps(mem: &GuestMemoryMmap) {
+    use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+    for region in mem.iter() {
+        let Ok(ptr) = region.get_host_address(MemoryRegionAddress(0)) else { continue };
+        let len = region.len() as usize;
+        // SAFETY: the range is exactly one mapping that vm-memory made and keeps for as long as
+        // `mem` lives; MADV_DONTDUMP changes only what a core dump includes.
+        if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTDUMP) } != 0 {
+            log::warn!("guest RAM will appear in core dumps: madvise: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 fn host_mem_mib() -> Option<u64> {
@@ -173,6 +190,19 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_ram_is_left_out_of_core_dumps() {
+        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+        let mem = create(64 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        let start = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&format!("{start:x}-")));
+        assert!(lines.next().is_some(), "guest RAM mapping at {start:#x} not in smaps");
+        let flags = lines.find(|l| l.starts_with("VmFlags:")).unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
 
     #[test]
     fn small_guest_has_no_high_ram() {

@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
 static HANDLERS_SET: AtomicBool = AtomicBool::new(false);
+/// The same termios, set once, for signal handlers, which must not take a lock.
+static SAVED_FOR_SIGNALS: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
 
 /// Restores the terminal when dropped.
 pub struct RawMode(());
@@ -24,6 +26,7 @@ impl RawMode {
             return None;
         }
         *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        let _ = SAVED_FOR_SIGNALS.set(t);
         install_signal_handlers();
         let mut raw = t;
         // SAFETY: cfmakeraw only edits the struct we own.
@@ -36,12 +39,22 @@ impl RawMode {
     }
 }
 
-fn restore() {
+/// Puts the terminal back as it was, if nvmm changed it (also from the panic hook).
+pub fn restore() {
     if let Ok(saved) = SAVED.try_lock() {
         if let Some(t) = saved.as_ref() {
             // SAFETY: valid fd and termios saved by `enter`.
             unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
         }
+    }
+}
+
+/// [`restore`] from a signal handler: no lock (the interrupted thread may hold it), only a read
+/// of the termios saved once raw mode began.
+pub fn restore_from_signal() {
+    if let Some(t) = SAVED_FOR_SIGNALS.get() {
+        // SAFETY: valid fd and termios saved by `enter`; tcsetattr is async-signal-safe.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
     }
 }
 
@@ -64,7 +77,9 @@ fn install_signal_handlers() {
     if HANDLERS_SET.swap(true, Ordering::SeqCst) {
         return;
     }
-    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGSEGV, libc::SIGABRT] {
+    // SIGTERM and SIGINT stop the VM in order (signals.rs), and the terminal is restored on the
+    // way out; these are the signals that end nvmm on the spot.
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGSEGV, libc::SIGABRT] {
         // SAFETY: the handler only calls tcsetattr, signal and raise, which are async-signal-safe.
         unsafe { libc::signal(sig, on_fatal_signal as *const () as libc::sighandler_t) };
     }

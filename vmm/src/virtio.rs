@@ -14,6 +14,7 @@ use crate::config::VmConfig;
 use crate::device_loop::{self, DeviceLoop};
 use crate::devices::Subscriber;
 use crate::memory::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::seccomp::ThreadKind;
 use crate::vcpu::IoBuses;
 use crate::vm::Vm;
 
@@ -53,6 +54,7 @@ pub struct MmioWindow {
 struct Opened {
     device: Arc<Mutex<dyn VirtioDevice>>,
     subscriber: Subscriber,
+    kind: ThreadKind,
 }
 
 /// A block device, kept by the VMM to flush it at shutdown.
@@ -63,8 +65,9 @@ pub struct AttachedDisk {
 
 /// What the VMM keeps of the virtio devices once they are on the bus.
 pub struct Attached {
-    /// One event-loop subscriber per device, in device order.
-    pub subscribers: Vec<Subscriber>,
+    /// One event-loop subscriber per device, in device order, with the seccomp filter its
+    /// thread gets.
+    pub subscribers: Vec<(Subscriber, ThreadKind)>,
     pub disks: Vec<AttachedDisk>,
     /// Where the guest finds each device, in device order.
     pub windows: Vec<MmioWindow>,
@@ -75,12 +78,12 @@ fn open_devices(config: &VmConfig, disks: &mut Vec<AttachedDisk>) -> Result<Vec<
     for d in &config.disks {
         let block = Arc::new(Mutex::new(Block::new(BlockConfig { path: d.path.clone(), read_only: d.read_only, id: d.id.clone() })?));
         disks.push(AttachedDisk { path: d.path.clone(), device: block.clone() });
-        out.push(Opened { device: block.clone(), subscriber: block });
+        out.push(Opened { device: block.clone(), subscriber: block, kind: ThreadKind::Block });
     }
     for n in &config.nets {
         let mac = n.mac.as_deref().map(virtio::parse_mac).transpose()?;
         let net = Arc::new(Mutex::new(Net::new(NetConfig { tap: n.tap.clone(), mac })?));
-        out.push(Opened { device: net.clone(), subscriber: net });
+        out.push(Opened { device: net.clone(), subscriber: net, kind: ThreadKind::Net });
     }
     Ok(out)
 }
@@ -101,7 +104,7 @@ pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig) -> Result<Attached, 
         }
         vm.register_irqfd(transport.interrupt_event(), window.irq)?;
         io.mmio.insert(window.base, window.len, Arc::new(Mutex::new(transport)))?;
-        attached.subscribers.push(dev.subscriber);
+        attached.subscribers.push((dev.subscriber, dev.kind));
         attached.windows.push(window);
     }
     Ok(attached)
@@ -119,10 +122,10 @@ pub fn cmdline_with_devices(cmdline: &str, windows: &[MmioWindow]) -> Result<Str
 /// Runs each device's queues and backend on a thread of its own, so that one device's slow I/O (a
 /// flush that waits for the disk) never holds up another device or the console. The VMM parks
 /// them when it pauses the VM.
-pub fn spawn_event_loops(subscribers: Vec<Subscriber>) -> Result<Vec<DeviceLoop>, Error> {
+pub fn spawn_event_loops(subscribers: Vec<(Subscriber, ThreadKind)>) -> Result<Vec<DeviceLoop>, Error> {
     let mut loops = Vec::with_capacity(subscribers.len());
-    for (index, subscriber) in subscribers.into_iter().enumerate() {
-        loops.push(device_loop::spawn(&format!("nvmm-virtio{index}"), vec![subscriber])?);
+    for (index, (subscriber, kind)) in subscribers.into_iter().enumerate() {
+        loops.push(device_loop::spawn_confined(&format!("nvmm-virtio{index}"), Some(kind), vec![subscriber])?);
     }
     Ok(loops)
 }

@@ -137,10 +137,14 @@ impl Vmm {
     /// Runs the main loop until the VM ends, then ends every thread and says why the VM ended.
     pub fn run(mut self) -> Result<VmExit, Error> {
         let why = loop {
+            if let Some(sig) = crate::signals::received() {
+                self.stop_on_signal(sig);
+            }
             if let Some(why) = self.exit.reason() {
                 match why {
                     VmExit::Reset => log::info!("the guest reset"),
                     VmExit::PowerOff => log::info!("the guest powered off"),
+                    VmExit::Shutdown if crate::signals::received().is_some() => {}
                     VmExit::Shutdown => log::info!("shut down through the API"),
                     VmExit::Error(_) => {}
                 }
@@ -191,11 +195,25 @@ impl Vmm {
             }
         }
         for disk in &self.disks {
-            let block = disk.device.lock().unwrap_or_else(|e| e.into_inner());
+            let mut block = disk.device.lock().unwrap_or_else(|e| e.into_inner());
             block.flush().map_err(|err| Error::Flush { path: disk.path.clone(), err })?;
         }
         self.exit.exit(VmExit::Shutdown);
         Ok(self.disks.len())
+    }
+
+    /// SIGTERM or SIGINT: the orderly stop of [`Vmm::shutdown`] (vCPUs stopped, each device done
+    /// with the request in hand, every disk flushed). If that fails, the VM ends all the same,
+    /// with the reason as its error.
+    fn stop_on_signal(&mut self, sig: i32) {
+        if self.exit.reason().is_some() {
+            return;
+        }
+        let name = crate::signals::name(sig);
+        match self.shutdown() {
+            Ok(flushed) => log::info!("stopped on {name}: {flushed} disks flushed"),
+            Err(e) => self.exit.exit(VmExit::Error(format!("stopping on {name}: {e}"))),
+        }
     }
 
     pub fn info(&self) -> VmInfo {

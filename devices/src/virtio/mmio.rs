@@ -6,7 +6,7 @@
 //! are then handed to the device. Registers are 32 bits wide and little-endian; other access widths
 //! are ignored, except in the device configuration space at [`CONFIG_SPACE`].
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -57,6 +57,8 @@ pub(crate) const SHM_BASE_HIGH: u64 = regs::VIRTIO_MMIO_SHM_BASE_HIGH as u64;
 pub(crate) const CONFIG_GENERATION: u64 = regs::VIRTIO_MMIO_CONFIG_GENERATION as u64;
 /// Start of the device-specific configuration space.
 pub const CONFIG_SPACE: u64 = regs::VIRTIO_MMIO_CONFIG as u64;
+/// The configuration space runs to the end of the window.
+const CONFIG_SPACE_LEN: usize = (MMIO_LEN - CONFIG_SPACE) as usize;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -156,6 +158,13 @@ pub struct MmioTransport {
     avail_features: u64,
     queue_events: Arc<[EventFd]>,
     interrupt: Arc<Interrupt>,
+    /// The whole configuration window as the device reads it (see `VirtioDevice::read_config`).
+    config: Vec<u8>,
+    /// The driver wrote 0 to the status while the device's event loop held its lock (in the
+    /// middle of a request): the reset completes at a later access, and until then the status
+    /// reads as before, which tells the driver to wait (virtio 1.2, 4.2.3.1: it reads the status
+    /// back until it is 0).
+    reset_pending: bool,
 
     status: u32,
     device_features_sel: u32,
@@ -168,8 +177,10 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Wraps `device`. `mem` is handed to the device when the driver activates it.
     pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        let (device_type, avail_features, queues, queue_events, interrupt) = {
+        let (device_type, avail_features, queues, queue_events, interrupt, config) = {
             let dev = device.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut config = vec![0u8; CONFIG_SPACE_LEN];
+            dev.read_config(0, &mut config);
             (
                 dev.device_type(),
                 dev.avail_features(),
@@ -179,6 +190,7 @@ impl MmioTransport {
                     .collect(),
                 dev.queue_events().clone(),
                 dev.interrupt().clone(),
+                config,
             )
         };
         Self {
@@ -188,6 +200,8 @@ impl MmioTransport {
             avail_features,
             queue_events,
             interrupt,
+            config,
+            reset_pending: false,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -244,7 +258,7 @@ impl MmioTransport {
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => NO_SHM_REGION,
             CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => {
-                log::warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                crate::warn_limited!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0
             }
         }
@@ -263,19 +277,19 @@ impl MmioTransport {
             QUEUE_NOTIFY => self.notify(value),
             INTERRUPT_ACK => {
                 if let Err(e) = self.interrupt.ack(value) {
-                    log::error!("virtio-mmio: cannot raise the interrupt again: {e}");
+                    crate::error_limited!("virtio-mmio: cannot raise the interrupt again: {e}");
                 }
             }
             STATUS => self.write_status(value),
             SHM_SEL => {}
-            _ => log::warn!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
+            _ => crate::warn_limited!("virtio-mmio: write of unknown or read-only register {offset:#x}"),
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         // Features may change only between DRIVER and FEATURES_OK.
         if self.status != S_DRIVER {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: driver features written in status {:#x}",
                 self.status
             );
@@ -284,14 +298,14 @@ impl MmioTransport {
         match self.driver_features_sel {
             0 => set_half(&mut self.acked_features, false, value),
             1 => set_half(&mut self.acked_features, true, value),
-            sel => log::warn!("virtio-mmio: driver features page {sel} does not exist"),
+            sel => crate::warn_limited!("virtio-mmio: driver features page {sel} does not exist"),
         }
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         // Queues are set up after FEATURES_OK and before DRIVER_OK, and only while not ready.
         if self.status != S_FEATURES_OK {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}",
                 self.status
             );
@@ -299,7 +313,7 @@ impl MmioTransport {
         }
         let sel = self.queue_sel;
         let Some(queue) = self.queues.get_mut(sel as usize) else {
-            log::warn!("virtio-mmio: queue {sel} does not exist");
+            crate::warn_limited!("virtio-mmio: queue {sel} does not exist");
             return;
         };
         if offset == QUEUE_READY {
@@ -307,7 +321,7 @@ impl MmioTransport {
             return;
         }
         if queue.ready {
-            log::warn!("virtio-mmio: queue {sel} register {offset:#x} written while ready");
+            crate::warn_limited!("virtio-mmio: queue {sel} register {offset:#x} written while ready");
             return;
         }
         match offset {
@@ -328,10 +342,10 @@ impl MmioTransport {
         match self.queue_events.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::error!("virtio-mmio: cannot kick queue {index}: {e}");
+                    crate::error_limited!("virtio-mmio: cannot kick queue {index}: {e}");
                 }
             }
-            None => log::warn!("virtio-mmio: notification for queue {index}, which does not exist"),
+            None => crate::warn_limited!("virtio-mmio: notification for queue {index}, which does not exist"),
         }
     }
 
@@ -340,6 +354,8 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // As for the other registers (see `write`), a pending reset completes first.
+        self.finish_reset(true);
         self.status = match (self.status, value) {
             // The driver gave up; keep the rest as it is until it resets the device.
             (old, new) if new & VIRTIO_CONFIG_S_FAILED != 0 => old | VIRTIO_CONFIG_S_FAILED,
@@ -356,7 +372,7 @@ impl MmioTransport {
             }
             (S_FEATURES_OK, S_DRIVER_OK) => self.activate(),
             (old, new) => {
-                log::warn!("virtio-mmio: invalid status transition {old:#x} -> {new:#x}");
+                crate::warn_limited!("virtio-mmio: invalid status transition {old:#x} -> {new:#x}");
                 old
             }
         };
@@ -365,14 +381,14 @@ impl MmioTransport {
     fn features_acceptable(&self) -> bool {
         let unknown = self.acked_features & !self.avail_features;
         if unknown != 0 {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: device {}: driver acked features {unknown:#x} that were not offered",
                 self.device_type
             );
             return false;
         }
         if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-mmio: device {}: legacy driver (VERSION_1 not acked)",
                 self.device_type
             );
@@ -403,18 +419,42 @@ impl MmioTransport {
         match result {
             Ok(()) => S_DRIVER_OK,
             Err(e) => {
-                log::error!("virtio-mmio: device {} cannot start: {e}", self.device_type);
+                crate::error_limited!("virtio-mmio: device {} cannot start: {e}", self.device_type);
                 // The device stays stopped; tell the driver (virtio 1.2, 2.1.2).
                 if let Err(e) = self.interrupt.signal_config_change() {
-                    log::error!("virtio-mmio: cannot raise the config interrupt: {e}");
+                    crate::error_limited!("virtio-mmio: cannot raise the config interrupt: {e}");
                 }
                 S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET
             }
         }
     }
 
+    /// Status 0. The vCPU does not wait for the request the device may be in the middle of: if
+    /// its lock is taken, the reset completes at a later access (see `reset_pending`).
     fn reset(&mut self) {
-        self.device().reset();
+        self.reset_pending = true;
+        self.finish_reset(false);
+    }
+
+    /// Resets the device, then the registers, if a reset is pending; with `wait`, waits for the
+    /// device's lock, otherwise only if it is free. True once no reset is pending.
+    fn finish_reset(&mut self, wait: bool) -> bool {
+        if !self.reset_pending {
+            return true;
+        }
+        if wait {
+            self.device().reset();
+        } else {
+            match self.device.try_lock() {
+                Ok(mut device) => device.reset(),
+                // A device that panicked on its event loop: its state is still the best we have.
+                Err(TryLockError::Poisoned(p)) => p.into_inner().reset(),
+                Err(TryLockError::WouldBlock) => return false,
+            }
+        }
+        self.reset_pending = false;
+        // After the device, so that a request completed just before cannot leave an interrupt
+        // raised on the reset device.
         self.interrupt.reset();
         self.status = 0;
         self.device_features_sel = 0;
@@ -424,19 +464,24 @@ impl MmioTransport {
         for q in &mut self.queues {
             *q = QueueRegisters::new(q.max_size);
         }
+        true
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A driver waiting for a reset reads the status until it is 0.
+        if offset == STATUS {
+            self.finish_reset(false);
+        }
         if offset >= CONFIG_SPACE {
-            self.device().read_config(offset - CONFIG_SPACE, data);
+            super::read_config_space(&self.config, offset - CONFIG_SPACE, data);
             return;
         }
         match <&mut [u8; 4]>::try_from(&mut *data) {
             Ok(word) => *word = self.read_register(offset).to_le_bytes(),
             Err(_) => {
-                log::warn!(
+                crate::warn_limited!(
                     "virtio-mmio: {}-byte read of register {offset:#x}",
                     data.len()
                 );
@@ -446,13 +491,23 @@ impl BusDevice for MmioTransport {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        // A driver that goes on without reading the status back (Linux's virtio-mmio does not)
+        // must find the reset done: this write waits for it, the reset write itself did not.
+        if offset != STATUS {
+            self.finish_reset(true);
+        }
         if offset >= CONFIG_SPACE {
-            self.device().write_config(offset - CONFIG_SPACE, data);
+            crate::warn_limited!(
+                "virtio device {}: ignoring a {}-byte config write at {:#x}",
+                self.device_type,
+                data.len(),
+                offset - CONFIG_SPACE
+            );
             return;
         }
         match <[u8; 4]>::try_from(data) {
             Ok(word) => self.write_register(offset, u32::from_le_bytes(word)),
-            Err(_) => log::warn!(
+            Err(_) => crate::warn_limited!(
                 "virtio-mmio: {}-byte write of register {offset:#x}",
                 data.len()
             ),
@@ -652,6 +707,42 @@ mod tests {
         assert!(dev.lock().unwrap().active.is_none());
         // And the handshake works again.
         assert!(d.negotiate(OFFERED));
+    }
+
+    /// With the device busy (its lock held, as by its event loop in a request), a reset does not
+    /// wait: the status reads as before until the device is free and has been reset. A driver
+    /// that writes on without reading the status back waits for the reset at that write.
+    #[test]
+    fn a_reset_of_a_busy_device_completes_later() {
+        let (mut t, dev) = transport();
+        let mut d = MmioDriver(&mut t);
+        assert!(d.negotiate(OFFERED));
+        let busy = dev.lock().unwrap();
+        d.write(STATUS, 0);
+        assert_eq!(d.read(STATUS), S_FEATURES_OK, "reset before the device was free");
+        drop(busy);
+        assert_eq!(d.read(STATUS), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+
+        assert!(d.negotiate(OFFERED));
+        let holder = {
+            let dev = dev.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = std::thread::spawn(move || {
+                let _busy = dev.lock().unwrap();
+                tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            });
+            rx.recv().unwrap();
+            h
+        };
+        d.write(STATUS, 0);
+        assert!(dev.try_lock().is_err(), "the device should still be busy");
+        // No read-back: this write waits for the device and finds the reset done.
+        d.write(STATUS, S_ACKNOWLEDGE);
+        assert_eq!(dev.lock().unwrap().resets, 2);
+        assert_eq!(d.read(STATUS), S_ACKNOWLEDGE);
+        holder.join().unwrap();
     }
 
     #[test]

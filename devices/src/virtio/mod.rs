@@ -15,8 +15,10 @@
 //!
 //! # Threads and activation
 //!
-//! vCPU threads only touch registers: the transport locks the device for config space, features and
-//! the status handshake. All queue work happens on an event-manager thread (nvmm gives each device
+//! vCPU threads only touch registers, which the transport keeps itself (with a copy of the config
+//! space), so they never wait for the device: only the two status writes that hand queues over or
+//! take them back (DRIVER_OK and reset) lock it, and they wait for at most the request in hand,
+//! whose work is bounded. All queue work happens on an event-manager thread (nvmm gives each device
 //! its own), in the device's `event_handler.rs`. A subscriber registers its queue eventfds (and,
 //! for net, the TAP fd) once, in `init()`, whatever the device state; events that arrive while the
 //! device is not activated are drained and ignored. When the driver writes DRIVER_OK, the
@@ -45,6 +47,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use block::{Block, BlockConfig, BlockError};
 pub use interrupt::{Interrupt, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 pub(crate) use iovec::{advance, push_guest_iovecs, IOV_MAX};
+pub use ring::Drained;
 pub use mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 pub use net::{parse_mac, Net, NetConfig, NetError};
 pub(crate) use ring::{
@@ -68,17 +71,12 @@ pub trait VirtioDevice: Send {
     /// Feature bits offered to the driver.
     fn avail_features(&self) -> u64;
 
-    /// Reads the device-specific configuration space; bytes past its end read as zero.
+    /// Reads the device-specific configuration space; bytes past its end read as zero. The
+    /// transport reads it once, when it is created, and answers the driver from that copy: the
+    /// configuration of every device here is fixed, and a vCPU reading it must never wait for the
+    /// device's lock, which its event loop holds through disk and network I/O. Writes from the
+    /// driver are ignored (no device here has a writable field).
     fn read_config(&self, offset: u64, data: &mut [u8]);
-
-    /// Writes the device-specific configuration space. Ignored unless the device has writable fields.
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
-            "virtio device {}: ignoring a {}-byte config write at {offset:#x}",
-            self.device_type(),
-            data.len()
-        );
-    }
 
     /// One eventfd per queue, signalled when the driver notifies that queue.
     fn queue_events(&self) -> &Arc<[EventFd]>;
@@ -125,7 +123,7 @@ pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
 pub(crate) fn drain_event(evt: &EventFd) {
     if let Err(e) = evt.read() {
         if e.kind() != std::io::ErrorKind::WouldBlock {
-            log::error!("cannot read a queue eventfd: {e}");
+            crate::error_limited!("cannot read a queue eventfd: {e}");
         }
     }
 }

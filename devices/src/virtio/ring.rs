@@ -63,22 +63,27 @@ pub(crate) fn add_used_batch(
         .inspect_err(|_| queue.set_next_used(start))
 }
 
-/// Completes every chain the driver has made available with `handle`, which returns each chain's
-/// used length. Returns how many chains it completed.
+/// Completes the chains the driver has made available with `handle`, which returns each chain's
+/// used length, at most `limit` of them: a driver that keeps adding chains from another vCPU
+/// cannot keep the device in one call. Returns how many chains it completed.
 pub(crate) fn complete_chains(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     what: &str,
+    limit: usize,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> usize {
     let mut completed = 0;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    while completed < limit {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
         let head = chain.head_index();
         let len = handle(chain);
         // Fails only for a head index past the queue size: nothing to give back then.
         match queue.add_used(mem, head, len) {
             Ok(()) => completed += 1,
-            Err(e) => log::warn!("{what}: cannot complete chain {head}: {e}"),
+            Err(e) => crate::warn_limited!("{what}: cannot complete chain {head}: {e}"),
         }
     }
     completed
@@ -87,7 +92,7 @@ pub(crate) fn complete_chains(
 /// Turns the driver's notifications for `queue` off, while the device works through it anyway.
 pub(crate) fn mute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) {
     if let Err(e) = queue.disable_notification(mem) {
-        log::warn!("{what}: cannot disable queue notifications: {e}");
+        crate::warn_limited!("{what}: cannot disable queue notifications: {e}");
     }
 }
 
@@ -95,7 +100,7 @@ pub(crate) fn mute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) {
 /// effect: they would wait for a notification that never comes, so the caller must look again.
 pub(crate) fn unmute(mem: &GuestMemoryMmap, queue: &mut Queue, what: &str) -> bool {
     queue.enable_notification(mem).unwrap_or_else(|e| {
-        log::warn!("{what}: cannot enable queue notifications: {e}");
+        crate::warn_limited!("{what}: cannot enable queue notifications: {e}");
         false
     })
 }
@@ -110,7 +115,7 @@ pub(crate) fn keep_going(progress: bool, retried: &mut bool, what: &str) -> bool
         return true;
     }
     if *retried {
-        log::warn!(
+        crate::warn_limited!(
             "{what}: the available index points past what the ring holds; waiting for the driver"
         );
         *retried = false;
@@ -120,27 +125,44 @@ pub(crate) fn keep_going(progress: bool, retried: &mut bool, what: &str) -> bool
     true
 }
 
+/// What [`drain_queue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// The driver must be interrupted.
+    pub interrupt: bool,
+    /// The budget ran out with chains perhaps left: the caller must come back on a later turn of
+    /// its event loop (notifications stay off meanwhile).
+    pub more: bool,
+}
+
 /// Completes the queue's available chains with `handle`, which returns each chain's used length,
-/// with notifications off until the queue is empty. Returns whether the driver must be
-/// interrupted.
+/// with notifications off until the queue is empty, at most `budget` per call: one turn of the
+/// event loop does bounded work, so a park request, a reset or another event source waits for at
+/// most that.
 pub(crate) fn drain_queue(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     what: &str,
+    budget: usize,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> bool {
+) -> Drained {
     let (mut completed, since) = (0, queue.next_used());
     let mut retried = false;
+    let mut more = false;
     loop {
         mute(mem, queue, what);
         let from = queue.next_avail();
-        completed += complete_chains(mem, queue, what, &mut handle);
+        completed += complete_chains(mem, queue, what, budget - completed, &mut handle);
+        if completed >= budget {
+            more = true;
+            break;
+        }
         let progress = queue.next_avail() != from;
         if !unmute(mem, queue, what) || !keep_going(progress, &mut retried, what) {
             break;
         }
     }
-    completed > 0 && needs_interrupt(mem, queue, since)
+    Drained { interrupt: completed > 0 && needs_interrupt(mem, queue, since), more }
 }
 
 #[cfg(test)]
@@ -173,10 +195,11 @@ mod tests {
     ) -> bool {
         add_chain(vq, head, &[r(0x10_0000, 16)]);
         let mut seen = Vec::new();
-        let irq = drain_queue(mem, q, "test", |c| {
+        let irq = drain_queue(mem, q, "test", usize::from(SIZE), |c| {
             seen.push(c.head_index());
             7
-        });
+        })
+        .interrupt;
         assert_eq!(seen, [head]);
         irq
     }
@@ -190,11 +213,31 @@ mod tests {
         // Claims a thousand more chains than the ring can hold.
         vq.avail().idx().store(1000);
         let mut seen = 0;
-        drain_queue(&mem, &mut q, "test", |_| {
+        drain_queue(&mem, &mut q, "test", usize::from(SIZE), |_| {
             seen += 1;
             0
         });
         assert_eq!(seen, 0);
+    }
+
+    #[test]
+    fn one_call_completes_at_most_one_ring_and_says_there_is_more() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), SIZE);
+        let mut q = queue(&vq, false);
+        // A driver that adds a chain for every one completed, as another vCPU could.
+        add_chain(&vq, 0, &[r(0x10_0000, 16)]);
+        let mut seen = 0u16;
+        let d = drain_queue(&mem, &mut q, "test", usize::from(SIZE), |_| {
+            seen += 1;
+            add_chain(&vq, seen % SIZE, &[r(0x10_0000, 16)]);
+            0
+        });
+        assert_eq!(seen, SIZE);
+        assert!(d.more);
+        // Without new chains, the next call empties the queue and is done.
+        let d = drain_queue(&mem, &mut q, "test", usize::from(SIZE), |_| 0);
+        assert!(!d.more);
     }
 
     #[test]

@@ -273,3 +273,15 @@ pub fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
+
+/// Whether the tests run under CI (`CI` set, and not to `false` or `0`), where nothing may be
+/// skipped.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// A test that cannot run here says so; under CI that is a failure, never a silent pass.
+pub fn skip(why: &str) {
+    assert!(!under_ci(), "test skipped under CI: {why}");
+    eprintln!("skipped: {why}");
+}

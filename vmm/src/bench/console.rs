@@ -12,6 +12,9 @@ pub enum Error {
     Bad { line: usize, what: String },
 }
 
+/// Samples reserved up front per block; the image prints far fewer per kind.
+const MAX_PREALLOCATED: usize = 1 << 16;
+
 /// The samples of each kind, in the order the image printed them.
 pub fn parse(text: &str) -> Result<Vec<(Kind, Vec<u32>)>, Error> {
     let mut done: Vec<(Kind, Vec<u32>)> = Vec::new();
@@ -30,7 +33,9 @@ pub fn parse(text: &str) -> Result<Vec<(Kind, Vec<u32>)>, Error> {
                 (Some(name), Some(n)) => {
                     let kind = Kind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| bad(format!("unknown kind '{name}'")))?;
                     let n: usize = n.parse().map_err(|_| bad(format!("bad sample count '{n}'")))?;
-                    open = Some((kind, n, Vec::with_capacity(n)));
+                    // The count comes from the file: reserve no more than a real run prints, and
+                    // let a larger block grow as its lines actually arrive.
+                    open = Some((kind, n, Vec::with_capacity(n.min(MAX_PREALLOCATED))));
                 }
                 _ => return Err(bad(format!("malformed header '{line}'"))),
             }
@@ -72,5 +77,11 @@ mod tests {
         assert!(matches!(e, Error::Bad { line: 2, .. }));
         let e = parse("nvmm-bench-raw warp 1\n").unwrap_err();
         assert_eq!(e.to_string(), "line 1: unknown kind 'warp'");
+    }
+
+    #[test]
+    fn a_huge_announced_count_is_not_reserved_up_front() {
+        let text = format!("nvmm-bench-raw loop {}\n00000001\n", usize::MAX);
+        assert_eq!(parse(&text).unwrap_err(), Error::Unfinished);
     }
 }

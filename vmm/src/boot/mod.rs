@@ -33,6 +33,8 @@ const PAGE_SIZE: u64 = 4096;
 pub enum Error {
     #[error("cannot open {what} {path}: {source}")]
     Open { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot use {path} as the {what}: it is {kind}, not a regular file")]
+    NotRegular { what: &'static str, path: PathBuf, kind: &'static str },
     #[error("{0} is not a Linux kernel: expected a bzImage or an ELF vmlinux")]
     NotAKernel(PathBuf),
     #[error("cannot load kernel {path}: {reason} (a truncated or corrupt image?)")]
@@ -85,8 +87,37 @@ enum Format {
     Elf,
 }
 
+/// Opens a kernel or initrd, refusing anything but a regular file before reading a byte: a FIFO
+/// would block the read forever, a character device (`/dev/zero`) never ends, and a directory fails
+/// with a less helpful message. `O_NONBLOCK` keeps the open itself from waiting for a FIFO's
+/// writer; it changes nothing for the regular file that is then read.
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
-    File::open(path).map_err(|source| Error::Open { what, path: path.into(), source })
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| Error::Open { what, path: path.into(), source };
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(err)?;
+    let kind = file.metadata().map_err(err)?.file_type();
+    if !kind.is_file() {
+        return Err(Error::NotRegular { what, path: path.into(), kind: file_kind(&kind) });
+    }
+    Ok(file)
+}
+
+/// A name for a file type, for messages.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
 }
 
 fn detect_format(file: &mut File, path: &Path) -> Result<Format, Error> {

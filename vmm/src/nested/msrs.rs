@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn real_kvm_vmx_msrs() {
         let Ok(kvm) = Kvm::new() else {
-            eprintln!("skipped: /dev/kvm cannot be opened");
+            crate::skip_test("/dev/kvm cannot be opened");
             return;
         };
         let vendor = Vendor::detect();

@@ -342,7 +342,7 @@ mod tests {
     #[test]
     fn real_kvm_behind_fake_tree() {
         let Ok(kvm) = Kvm::new() else {
-            eprintln!("skipped: /dev/kvm cannot be opened");
+            crate::skip_test("/dev/kvm cannot be opened");
             return;
         };
         let vm = kvm.create_vm().ok();

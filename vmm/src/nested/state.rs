@@ -223,15 +223,15 @@ mod tests {
     #[test]
     fn real_kvm_nested_state() {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("skipped: /dev/kvm cannot be opened");
+            crate::skip_test("/dev/kvm cannot be opened");
             return;
         };
         let Ok(vm) = kvm.create_vm() else {
-            eprintln!("skipped: KVM_CREATE_VM failed");
+            crate::skip_test("KVM_CREATE_VM failed");
             return;
         };
         let Ok(vcpu) = vm.create_vcpu(0) else {
-            eprintln!("skipped: KVM_CREATE_VCPU failed");
+            crate::skip_test("KVM_CREATE_VCPU failed");
             return;
         };
         let cap = vm.check_extension_int(kvm_ioctls::Cap::NestedState);

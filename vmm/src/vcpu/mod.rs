@@ -116,7 +116,10 @@ impl Vcpu {
         let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, exits: own_exits.clone() };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || runner.run())
+            .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu, &format!("vcpu{id}"));
+                runner.run()
+            })
             .map_err(|e| Error::Spawn(id, e))?;
         Ok(VcpuHandle::new(id, messages, reports, kick, thread, kvm_exits, own_exits))
     }
@@ -151,7 +154,7 @@ mod tests {
     #[test]
     fn a_vcpu_pauses_resumes_and_finishes_on_request() {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
+            crate::skip_test("no /dev/kvm");
             return;
         };
         let vm = Vm::create(&kvm, memory::create(64 << 20).unwrap()).unwrap();

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
 use super::request::process_request;
-use super::{BlockError, MAX_DISCARD_SEGMENTS, QUEUE_SIZE, SEG_MAX};
+use super::{BlockError, MAX_DISCARD_SEGMENTS, MAX_ZEROES_SECTORS, QUEUE_SIZE, SEG_MAX};
 use crate::virtio::{drain_queue, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
 
 /// How the VMM describes a disk.
@@ -76,7 +76,7 @@ impl Block {
     }
 
     /// Makes every completed write durable (the VMM's shutdown; the guest has its own flush).
-    pub fn flush(&self) -> Result<(), super::disk::DiskError> {
+    pub fn flush(&mut self) -> Result<(), super::disk::DiskError> {
         self.disk.flush()
     }
 
@@ -90,17 +90,29 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if process_queue(&active.mem, &mut active.queue, &mut self.disk) {
+        let drained = process_queue(&active.mem, &mut active.queue, &mut self.disk);
+        if drained.interrupt {
             if let Err(e) = self.interrupt.signal_used_buffer() {
-                log::error!("virtio-blk: cannot raise the interrupt: {e}");
+                crate::error_limited!("virtio-blk: cannot raise the interrupt: {e}");
+            }
+        }
+        // Out of budget for this turn: come back on the next one, after the other events.
+        if drained.more {
+            if let Err(e) = self.queue_events[0].write(1) {
+                crate::error_limited!("virtio-blk: cannot kick the queue: {e}");
             }
         }
     }
 }
 
-/// Completes every request the driver made available. Returns whether the driver must be told.
-pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &mut Disk) -> bool {
-    drain_queue(mem, queue, "virtio-blk", |chain| {
+/// Requests completed per turn of the event loop. The device's lock is held meanwhile, and a
+/// driver's reset waits for it: a few dozen requests (each at most `SEG_MAX` pages, or 1 GiB of
+/// zeroes) keep that short, and the loop comes straight back for the rest.
+const REQUESTS_PER_TURN: usize = 32;
+
+/// Completes the requests the driver made available, at most [`REQUESTS_PER_TURN`].
+pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &mut Disk) -> crate::virtio::Drained {
+    drain_queue(mem, queue, "virtio-blk", REQUESTS_PER_TURN, |chain| {
         process_request(mem, chain, disk)
     })
 }
@@ -121,10 +133,10 @@ fn config_space(disk: &Disk) -> Vec<u8> {
         offset_of!(virtio_blk_config, num_queues),
         &1u16.to_le_bytes(),
     );
-    // Ranges are limited only by the disk size; alignment 1 sector.
+    // Ranges are bounded per segment, so that one request's work is; alignment 1 sector.
     put(
         offset_of!(virtio_blk_config, max_discard_sectors),
-        &u32::MAX.to_le_bytes(),
+        &MAX_ZEROES_SECTORS.to_le_bytes(),
     );
     put(
         offset_of!(virtio_blk_config, max_discard_seg),
@@ -136,7 +148,7 @@ fn config_space(disk: &Disk) -> Vec<u8> {
     );
     put(
         offset_of!(virtio_blk_config, max_write_zeroes_sectors),
-        &u32::MAX.to_le_bytes(),
+        &MAX_ZEROES_SECTORS.to_le_bytes(),
     );
     put(
         offset_of!(virtio_blk_config, max_write_zeroes_seg),
@@ -185,7 +197,7 @@ impl VirtioDevice for Block {
         self.active = Some(Active { mem, queue });
         // Have the event loop look at the queue now, in case requests were queued before.
         if let Err(e) = self.queue_events[0].write(1) {
-            log::error!("virtio-blk: cannot kick the queue: {e}");
+            crate::error_limited!("virtio-blk: cannot kick the queue: {e}");
         }
         Ok(())
     }
@@ -279,6 +291,79 @@ mod tests {
         b.reset();
         assert!(!b.is_activated());
         b.process_queue_event(); // ignored, no panic
+    }
+
+    /// A vCPU reading the config space, the status or the interrupt status, acknowledging an
+    /// interrupt or notifying the queue does not wait for the flush the device is in.
+    #[test]
+    fn registers_answer_while_a_slow_flush_holds_the_device() {
+        use crate::bus::BusDevice;
+        use crate::virtio::mmio::{CONFIG_SPACE, INTERRUPT_ACK, INTERRUPT_STATUS, QUEUE_NOTIFY, STATUS};
+        use crate::virtio::test_utils::{MmioDriver, QueueLayout};
+        use crate::virtio::MmioTransport;
+        use std::sync::Mutex;
+        use std::time::{Duration, Instant};
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
+
+        const FLUSH_TIME: Duration = Duration::from_millis(800);
+        let (_t, mut b) = block(false);
+        b.disk.set_sync(|f| {
+            std::thread::sleep(FLUSH_TIME);
+            f.sync_all()
+        });
+        let offered = b.avail_features();
+        let blk = Arc::new(Mutex::new(b));
+        let mem = guest_memory();
+        let mut transport = MmioTransport::new(mem.clone(), blk.clone());
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut d = MmioDriver(&mut transport);
+        assert!(d.negotiate(offered));
+        d.setup_queue(0, &QueueLayout::of(&vq, 16));
+        d.driver_ok();
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(0x10_0000)).unwrap();
+        add_chain(&vq, 0, &[r(0x10_0000, 16), w(0x30_0000, 1)]);
+
+        // The event loop's side: the device under its lock for the whole request.
+        let worker = {
+            let blk = blk.clone();
+            std::thread::spawn(move || blk.lock().unwrap().process_queue_event())
+        };
+        let waiting = Instant::now();
+        while blk.try_lock().is_ok() {
+            assert!(waiting.elapsed() < Duration::from_secs(5), "the flush never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        let t = Instant::now();
+        let mut cap = [0u8; 8];
+        d.0.read(CONFIG_SPACE, &mut cap);
+        let status = d.read(STATUS);
+        d.read(INTERRUPT_STATUS);
+        d.write(INTERRUPT_ACK, 1);
+        d.write(QUEUE_NOTIFY, 0);
+        let took = t.elapsed();
+        assert!(took < FLUSH_TIME / 4, "register accesses took {took:?} during a flush");
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        assert_ne!(status, 0);
+
+        // A reset does not wait either: the status reads as before until the device, done with
+        // its request, has been reset, which the driver waits for by reading it back.
+        let t = Instant::now();
+        d.write(STATUS, 0);
+        let still = d.read(STATUS);
+        let took = t.elapsed();
+        assert!(took < FLUSH_TIME / 4, "a reset took {took:?} during a flush");
+        assert_eq!(still, status, "the reset completed while the device was in its request");
+        assert!(blk.try_lock().is_err(), "the flush ended before the registers were read");
+
+        worker.join().unwrap();
+        assert_eq!(used_entry(&vq, 0), (0, 1));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(d.read(STATUS), 0);
+        assert!(!blk.lock().unwrap().is_activated());
+        assert_eq!(d.read(INTERRUPT_STATUS), 0);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum DiskError {
     },
     #[error("cannot flush the disk image: {0}")]
     Flush(io::Error),
+    #[error("an earlier flush of the disk image failed ({0}); writes since may be lost, so no flush succeeds again")]
+    FlushFailedBefore(io::ErrorKind),
     #[error("cannot discard {len} bytes at disk offset {offset}: {err}")]
     Discard {
         offset: u64,
@@ -58,6 +60,9 @@ impl Direction {
     }
 }
 
+/// How a flush reaches stable storage; tests put a failing or slow one in its place.
+pub type SyncFn = fn(&File) -> io::Result<()>;
+
 /// An open disk image. Callers check ranges against [`Disk::size`] before any I/O.
 #[derive(Debug)]
 pub struct Disk {
@@ -65,6 +70,11 @@ pub struct Disk {
     size: u64,
     read_only: bool,
     serial: [u8; ID_BYTES],
+    sync: SyncFn,
+    /// Set by the first failed fsync, for good. After a failed fsync Linux may have dropped the
+    /// dirty pages and cleared the error, so a later fsync can succeed without the data being on
+    /// disk: the guest must never be told "flushed" again (as QEMU does).
+    flush_failed: Option<io::ErrorKind>,
 }
 
 impl Disk {
@@ -86,6 +96,11 @@ impl Disk {
                 read_only,
                 err,
             })?;
+        lock(&file, read_only).map_err(|holder| BlockError::Locked {
+            path: path.to_owned(),
+            read_only,
+            holder,
+        })?;
         let serial = match id {
             Some(id) => serial_from_id(id)?,
             None => serial_from_file(&file).map_err(|err| BlockError::Stat {
@@ -109,6 +124,8 @@ impl Disk {
             size: len - len % SECTOR_SIZE,
             read_only,
             serial,
+            sync: File::sync_all,
+            flush_failed: None,
         })
     }
 
@@ -208,9 +225,20 @@ impl Disk {
         Ok(())
     }
 
-    /// Makes every completed write durable.
-    pub fn flush(&self) -> Result<(), DiskError> {
-        self.file.sync_all().map_err(DiskError::Flush)
+    /// Makes every completed write durable. Once a flush has failed, every later one fails too.
+    pub fn flush(&mut self) -> Result<(), DiskError> {
+        if let Some(kind) = self.flush_failed {
+            return Err(DiskError::FlushFailedBefore(kind));
+        }
+        (self.sync)(&self.file).map_err(|e| {
+            self.flush_failed = Some(e.kind());
+            DiskError::Flush(e)
+        })
+    }
+
+    /// Replaces how the image is synced (tests: a failing or slow fsync).
+    pub fn set_sync(&mut self, sync: SyncFn) {
+        self.sync = sync;
     }
 
     /// Lets the host reclaim the space. A file system that cannot punch holes just keeps it:
@@ -235,6 +263,69 @@ impl Disk {
             .write_all_zeroes_at(offset, len_usize)
             .map_err(err)
     }
+}
+
+/// Who holds a lock that kept us from taking ours.
+#[derive(Debug)]
+pub enum LockHolder {
+    /// A process-associated (classic POSIX) lock: the kernel names the process.
+    Process { pid: i32, writing: bool },
+    /// An open file description lock (another nvmm, QEMU, or this nvmm's other `--disk` on the
+    /// same image): the kernel reports no process for those.
+    OpenFile { writing: bool },
+    /// The lock went away between our attempt and the question, or the question failed.
+    Unknown(io::Error),
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = |writing: bool| if writing { "for writing" } else { "for reading" };
+        match self {
+            Self::Process { pid, writing } => write!(f, "locked {} by process {pid}", how(*writing)),
+            Self::OpenFile { writing } => write!(
+                f,
+                "locked {} through an open file description, whose process the kernel does not report (another nvmm or QEMU, or the same image given twice)",
+                how(*writing)
+            ),
+            Self::Unknown(e) => write!(f, "locked by another user ({e})"),
+        }
+    }
+}
+
+/// Takes an open file description lock on the whole image: a write lock for a read-write disk, a
+/// read lock for a read-only one, so that any number of readers share an image but a writer has
+/// it alone. The lock lives as long as the file (every descriptor of this open file description),
+/// goes with nvmm's death, and conflicts even with another open of the same path in this process.
+fn lock(file: &File, read_only: bool) -> Result<(), LockHolder> {
+    let kind = if read_only { libc::F_RDLCK } else { libc::F_WRLCK };
+    let mut fl = whole_file(kind);
+    // SAFETY: F_OFD_SETLK reads the flock struct, which outlives the call; the fd is open.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+        return Err(LockHolder::Unknown(err));
+    }
+    // SAFETY: F_OFD_GETLK fills the flock struct we own; the fd is open.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
+        return Err(LockHolder::Unknown(io::Error::last_os_error()));
+    }
+    let writing = i32::from(fl.l_type) == libc::F_WRLCK;
+    Err(match fl.l_pid {
+        _ if i32::from(fl.l_type) == libc::F_UNLCK => LockHolder::Unknown(err),
+        pid if pid > 0 => LockHolder::Process { pid, writing },
+        _ => LockHolder::OpenFile { writing },
+    })
+}
+
+/// A lock request of `kind` over the whole file, however long it grows.
+fn whole_file(kind: libc::c_int) -> libc::flock {
+    // SAFETY: flock is a plain C struct, valid when zeroed (pid 0, as OFD locks require).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
 }
 
 fn serial_from_id(id: &str) -> Result<[u8; ID_BYTES], BlockError> {
@@ -352,6 +443,43 @@ mod tests {
         let disk = Disk::open(tmp.as_path(), true, None).unwrap();
         assert!(disk.read_only());
         assert!(disk.file.write_at(b"x", 0).is_err());
+    }
+
+    #[test]
+    fn images_are_locked_one_writer_or_many_readers() {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file().set_len(4096).unwrap();
+        let p = tmp.as_path();
+        let rw = Disk::open(p, false, None).unwrap();
+        // Another open file description, even in this process, is refused either way.
+        for read_only in [false, true] {
+            let e = Disk::open(p, read_only, None).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, BlockError::Locked { holder: LockHolder::OpenFile { writing: true }, .. }), "{msg}");
+            assert!(msg.starts_with(&format!("disk image {} is in use: locked for writing", p.display())), "{msg}");
+        }
+        drop(rw);
+        let ro1 = Disk::open(p, true, None).unwrap();
+        let ro2 = Disk::open(p, true, None).unwrap();
+        let e = Disk::open(p, false, None).unwrap_err();
+        assert!(matches!(e, BlockError::Locked { holder: LockHolder::OpenFile { writing: false }, .. }), "{e}");
+        drop((ro1, ro2));
+        Disk::open(p, false, None).unwrap();
+    }
+
+    #[test]
+    fn a_failed_flush_is_remembered() {
+        let (_tmp, mut disk) = temp_disk(4096);
+        disk.flush().unwrap();
+        disk.set_sync(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
+        let e = disk.flush().unwrap_err();
+        assert!(matches!(&e, DiskError::Flush(err) if err.raw_os_error() == Some(libc::EIO)), "{e}");
+        // The storage works again, but what the failed fsync lost is lost: still an error.
+        disk.set_sync(File::sync_all);
+        for _ in 0..3 {
+            let e = disk.flush().unwrap_err();
+            assert!(matches!(e, DiskError::FlushFailedBefore(_)), "{e}");
+        }
     }
 
     #[test]

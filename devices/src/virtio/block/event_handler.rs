@@ -12,7 +12,7 @@ impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         for (i, evt) in self.queue_events.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                log::error!("virtio-blk: cannot watch queue {i}: {e}");
+                crate::error_limited!("virtio-blk: cannot watch queue {i}: {e}");
             }
         }
     }
@@ -21,7 +21,7 @@ impl MutEventSubscriber for Block {
         match self.queue_events.get(events.data() as usize) {
             Some(evt) => drain_event(evt),
             None => {
-                log::warn!("virtio-blk: event for unknown source {}", events.data());
+                crate::warn_limited!("virtio-blk: event for unknown source {}", events.data());
                 return;
             }
         }

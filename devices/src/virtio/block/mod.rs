@@ -27,6 +27,10 @@ pub const SEG_MAX: u32 = 128;
 pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 /// Segments per DISCARD or WRITE_ZEROES request (config `max_discard_seg`, `max_write_zeroes_seg`).
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Sectors per DISCARD or WRITE_ZEROES segment (config `max_discard_sectors`,
+/// `max_write_zeroes_sectors`): 32 MiB, so one request, which the device works through while
+/// holding its lock, zeroes at most 1 GiB even where that means writing the zeroes.
+pub const MAX_ZEROES_SECTORS: u32 = 1 << 16;
 
 fn access(read_only: &bool) -> &'static str {
     if *read_only {
@@ -45,6 +49,13 @@ pub enum BlockError {
         path: PathBuf,
         read_only: bool,
         err: io::Error,
+    },
+    /// Another user holds a lock on the image that ours conflicts with.
+    #[error("disk image {} is in use: {holder}; nvmm opens it {} only when no other user has it {}", .path.display(), access(.read_only), if *.read_only { "read-write" } else { "open" })]
+    Locked {
+        path: PathBuf,
+        read_only: bool,
+        holder: disk::LockHolder,
     },
     /// The image size cannot be found (seek to its end failed).
     #[error("cannot get the size of disk image {}: {err}", .path.display())]

@@ -20,7 +20,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 
 use super::disk::{Disk, DiskError};
-use super::{ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE, SEG_MAX};
+use super::{ID_BYTES, MAX_DISCARD_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE, SEG_MAX};
 
 /// Size of the request header.
 pub const HEADER_LEN: u32 = size_of::<virtio_blk_outhdr>() as u32;
@@ -83,6 +83,8 @@ pub enum RequestError {
         "{0} bytes is not a list of 1 to {MAX_DISCARD_SEGMENTS} discard/write-zeroes segments"
     )]
     BadSegmentList(u64),
+    #[error("discard/write-zeroes segment of {0} sectors is over the {MAX_ZEROES_SECTORS} the device offers")]
+    SegmentTooLong(u32),
     #[error("discard/write-zeroes segment flags {0:#x} are not supported")]
     UnsupportedFlags(u32),
     #[error("request type {0} is not supported")]
@@ -148,7 +150,7 @@ pub fn process_request(
     let split = match split_chain(chain) {
         Ok(split) => split,
         Err(e) => {
-            log::warn!("virtio-blk: dropping request: {e}");
+            crate::warn_limited!("virtio-blk: dropping request: {e}");
             return 0;
         }
     };
@@ -161,14 +163,14 @@ pub fn process_request(
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(e) => {
             match e {
-                RequestError::Disk(_) => log::error!("virtio-blk: {e}"),
-                _ => log::warn!("virtio-blk: bad request: {e}"),
+                RequestError::Disk(_) => crate::error_limited!("virtio-blk: {e}"),
+                _ => crate::warn_limited!("virtio-blk: bad request: {e}"),
             }
             (e.status(), 0)
         }
     };
     if let Err(e) = mem.write_obj(status, split.status) {
-        log::warn!("virtio-blk: cannot write the status byte: {e}");
+        crate::warn_limited!("virtio-blk: cannot write the status byte: {e}");
         return 0;
     }
     written.saturating_add(1)
@@ -354,6 +356,10 @@ fn discard_or_write_zeroes(
         if flags & !allowed_flags != 0 {
             return Err(RequestError::UnsupportedFlags(flags));
         }
+        // What the config space offers bounds the work of one request, which holds the device.
+        if sectors > MAX_ZEROES_SECTORS {
+            return Err(RequestError::SegmentTooLong(sectors));
+        }
         let len = u64::from(sectors) * SECTOR_SIZE;
         segments.push(Segment {
             offset: disk_offset(disk, sector, len)?,
@@ -485,6 +491,19 @@ mod tests {
 
         f.header(VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(f.run(&[r(HDR, 16), w(STATUS, 1)]), (1, OK));
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        let mut f = Fixture::new(false);
+        f.disk.set_sync(|_| Err(std::io::Error::from_raw_os_error(libc::EIO)));
+        f.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(f.run(&[r(HDR, 16), w(STATUS, 1)]), (1, IOERR));
+        f.disk.set_sync(std::fs::File::sync_all);
+        for _ in 0..2 {
+            f.header(VIRTIO_BLK_T_FLUSH, 0);
+            assert_eq!(f.run(&[r(HDR, 16), w(STATUS, 1)]), (1, IOERR));
+        }
     }
 
     #[test]
@@ -711,6 +730,23 @@ mod tests {
             .unwrap();
         f.header(VIRTIO_BLK_T_DISCARD, 0);
         assert_eq!(f.run(&request(r(DATA, 16))), (1, OK));
+    }
+
+    #[test]
+    fn zeroing_segments_are_bounded_by_what_the_config_offers() {
+        let mut f = Fixture::new(false);
+        // A sparse 1 TiB image, so that only the bound can refuse the segment.
+        f.tmp.as_file().set_len(1 << 40).unwrap();
+        // A new Disk for the new size, on the file the fixture's Disk already has (and locks).
+        f.disk = Disk::from_file(f.tmp.as_file().try_clone().unwrap(), false, [0; ID_BYTES]).unwrap();
+        f.tmp.as_file().write_all_at(&[0xaa; 512], 0).unwrap();
+        f.mem.write_slice(&segment(0, MAX_ZEROES_SECTORS + 1, 0), GuestAddress(DATA)).unwrap();
+        f.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(f.run(&request(r(DATA, 16))), (1, IOERR));
+        assert_eq!(f.file_bytes(0, 512), vec![0xaa; 512]);
+        f.mem.write_slice(&segment(0, MAX_ZEROES_SECTORS, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), GuestAddress(DATA)).unwrap();
+        assert_eq!(f.run(&request(r(DATA, 16))), (1, OK));
+        assert_eq!(f.file_bytes(0, 512), vec![0; 512]);
     }
 
     #[test]

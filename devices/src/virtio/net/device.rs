@@ -139,7 +139,7 @@ impl Net {
 
     fn signal_used_buffer(&self) {
         if let Err(e) = self.interrupt.signal_used_buffer() {
-            log::error!("virtio-net: cannot raise the interrupt: {e}");
+            crate::error_limited!("virtio-net: cannot raise the interrupt: {e}");
         }
     }
 
@@ -181,11 +181,11 @@ impl Net {
                     TapRead::Frame(len) => len,
                     TapRead::Empty => break,
                     TapRead::Runt(len) => {
-                        log::warn!("virtio-net: dropping a {len}-byte frame from the TAP");
+                        crate::warn_limited!("virtio-net: dropping a {len}-byte frame from the TAP");
                         continue;
                     }
                     TapRead::Failed(e) => {
-                        log::error!("virtio-net: cannot read from TAP {}: {e}", tap.name());
+                        crate::error_limited!("virtio-net: cannot read from TAP {}: {e}", tap.name());
                         break;
                     }
                 };
@@ -195,7 +195,7 @@ impl Net {
                     .deliver(&active.mem, &mut active.rx, frame, active.mergeable)
                 {
                     Delivery::Delivered => notify = true,
-                    Delivery::Dropped => log::warn!(
+                    Delivery::Dropped => crate::warn_limited!(
                         "virtio-net: dropping a {len}-byte frame that no RX buffer can hold"
                     ),
                     Delivery::NoRoom => {
@@ -247,7 +247,7 @@ impl Net {
         }
         if again {
             if let Err(e) = self.queue_events[TX_QUEUE].write(1) {
-                log::error!("virtio-net: cannot kick the TX queue: {e}");
+                crate::error_limited!("virtio-net: cannot kick the TX queue: {e}");
             }
         }
     }
@@ -298,7 +298,7 @@ impl VirtioDevice for Net {
         // Have the event loop look at both queues, and at frames that reached the TAP before now.
         for i in [RX_QUEUE, TX_QUEUE] {
             if let Err(e) = self.queue_events[i].write(1) {
-                log::error!("virtio-net: cannot kick queue {i}: {e}");
+                crate::error_limited!("virtio-net: cannot kick queue {i}: {e}");
             }
         }
         Ok(())
@@ -311,7 +311,7 @@ impl VirtioDevice for Net {
         self.tx_retried = false;
         // The next driver may not accept offloaded frames.
         if let Err(e) = self.tap.set_offload(0) {
-            log::error!("virtio-net: {e}");
+            crate::error_limited!("virtio-net: {e}");
         }
     }
 }
@@ -373,7 +373,7 @@ mod tests {
             assert_eq!(net.tap_name(), "nvmmcfg1");
         });
         if done.is_none() {
-            eprintln!("skipped: cannot create a network namespace here");
+            crate::virtio::test_utils::skip("cannot create a network namespace here");
         }
     }
 

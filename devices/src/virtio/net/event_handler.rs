@@ -28,7 +28,7 @@ impl MutEventSubscriber for Net {
         ];
         for events in sources {
             if let Err(e) = ops.add(events) {
-                log::error!(
+                crate::error_limited!(
                     "virtio-net: cannot watch event source {}: {e}",
                     events.data()
                 );
@@ -47,7 +47,7 @@ impl MutEventSubscriber for Net {
                 self.process_tx();
             }
             TAP_EVENT => self.process_rx(),
-            other => log::warn!("virtio-net: event for unknown source {other}"),
+            other => crate::warn_limited!("virtio-net: event for unknown source {other}"),
         }
     }
 }
@@ -284,7 +284,7 @@ mod tests {
             assert_eq!(sock.recv(), to_host);
         });
         if done.is_none() {
-            eprintln!("skipped: cannot create a network namespace here");
+            crate::virtio::test_utils::skip("cannot create a network namespace here");
         }
     }
 }

@@ -135,7 +135,7 @@ impl RxBuffer {
             // Checked against guest memory when the chain was taken; memory does not shrink.
             let at = GuestAddress(addr.0 + offset as u64);
             if let Err(e) = mem.write_slice(&bytes[done..done + n], at) {
-                log::error!("virtio-net: cannot write an RX buffer: {e}");
+                crate::error_limited!("virtio-net: cannot write an RX buffer: {e}");
                 break;
             }
             done += n;
@@ -152,21 +152,42 @@ pub struct RxBuffers {
 }
 
 impl RxBuffers {
-    /// Takes every chain the driver made available. Unusable chains are completed at once with
-    /// length 0; returns whether there were any (the driver must then be told).
+    /// Takes the chains the driver made available, up to the queue size in all: a driver that
+    /// offers more than it has (the available index moved by more than the chains it wrote)
+    /// cannot make the device hold more. A chain whose head is already held is the same buffer
+    /// offered twice: it is not taken again. Unusable chains are completed at once with length 0;
+    /// returns whether there were any (the driver must then be told).
     pub fn refill(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
         let mut returned = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let limit = usize::from(queue.size());
+        // At most one ring's worth of chains per call: bounded work whatever the index says.
+        for _ in 0..limit {
+            if self.buffers.len() >= limit {
+                // Full: the rest wait in the ring until frames use some of these.
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
+            if self.buffers.iter().any(|b| b.head == head) {
+                crate::warn_limited!("virtio-net: RX chain {head} offered again while the device holds it; ignored");
+                continue;
+            }
             match RxBuffer::parse(mem, chain) {
                 Ok(buffer) => self.buffers.push_back(buffer),
                 Err(e) => {
-                    log::warn!("virtio-net: returning RX chain {head} unused: {e}");
+                    crate::warn_limited!("virtio-net: returning RX chain {head} unused: {e}");
                     returned |= queue.add_used(mem, head, 0).is_ok();
                 }
             }
         }
         returned
+    }
+
+    /// The head index of each buffer held, in order.
+    pub fn heads(&self) -> impl Iterator<Item = u16> + '_ {
+        self.buffers.iter().map(|b| b.head)
     }
 
     /// Buffers held.
@@ -233,7 +254,7 @@ impl RxBuffers {
         used[0].0.write_at(mem, NUM_BUFFERS, &count.to_le_bytes());
         let entries: Vec<(u16, u32)> = used.iter().map(|(b, n)| (b.head, *n)).collect();
         if let Err(e) = add_used_batch(mem, queue, &entries) {
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-net: cannot complete {} RX chains: {e}",
                 entries.len()
             );
@@ -295,7 +316,7 @@ impl RxBuffers {
         }
         // All of the frame's buffers at once: the driver reads num_buffers from the first.
         if let Err(e) = add_used_batch(mem, queue, &used) {
-            log::warn!("virtio-net: cannot complete {} RX chains: {e}", used.len());
+            crate::warn_limited!("virtio-net: cannot complete {} RX chains: {e}", used.len());
         }
         Delivery::Delivered
     }
@@ -479,6 +500,42 @@ mod tests {
             sort(Err(io::Error::from_raw_os_error(libc::EIO))),
             TapRead::Failed(_)
         ));
+    }
+
+    /// The attack: one descriptor offered again and again, the available index moved by a whole
+    /// ring each time. The device holds it once, never more than the queue size.
+    #[test]
+    fn one_chain_offered_over_and_over_is_held_once() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        add_chain(&vq, 0, &[w(0x10_0000, 2048)]);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        for round in 1..=10_000u32 {
+            // Every ring slot names descriptor 0 (add_chain filled slot 0; the rest are zero).
+            vq.avail().idx().store((round * 16) as u16);
+            rx.refill(&mem, &mut q);
+            assert!(rx.len() <= 1, "round {round}: {} buffers held", rx.len());
+        }
+        assert_eq!(rx.len(), 1);
+    }
+
+    #[test]
+    fn never_more_than_the_queue_size_is_held() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 8);
+        for i in 0..8 {
+            add_chain(&vq, i, &[w(0x10_0000 + u64::from(i) * 0x1000, 2048)]);
+        }
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut rx = RxBuffers::default();
+        rx.refill(&mem, &mut q);
+        assert_eq!(rx.len(), 8);
+        // The driver claims 8 more, which it cannot have: none is taken.
+        vq.avail().idx().store(16);
+        rx.refill(&mem, &mut q);
+        assert_eq!(rx.len(), 8);
+        assert_eq!(q.next_avail(), 8);
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Tap {
         }
         // Said at the default log level: the user asked for a device that was not there.
         if !existed {
-            log::warn!(
+            crate::warn_limited!(
                 "TAP device {name} did not exist: created it (it goes away when nvmm exits)"
             );
         }
@@ -207,7 +207,7 @@ mod tests {
             ));
         });
         if done.is_none() {
-            eprintln!("skipped: cannot create a network namespace here");
+            crate::virtio::test_utils::skip("cannot create a network namespace here");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Transmit path: each TX chain (vnet header + Ethernet frame, device-readable) goes to the TAP
 //! in one writev straight from the guest's buffers, with no copy of its own.
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestMemoryError, GuestMemoryMmap, Permissions};
 
 use super::{ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
@@ -89,10 +89,11 @@ pub fn process_queue(
     scratch: &mut Gathered,
     mut send: impl FnMut(&[libc::iovec], usize),
 ) -> usize {
-    complete_chains(mem, queue, "virtio-net TX", |chain| {
+    // One ring's worth per call; the device kicks itself to come back for the rest.
+    complete_chains(mem, queue, "virtio-net TX", usize::from(queue.size()), |chain| {
         match gather_frame(mem, chain, scratch) {
             Ok(len) => send(scratch.iovecs(), len),
-            Err(e) => log::warn!("virtio-net: dropping TX frame: {e}"),
+            Err(e) => crate::warn_limited!("virtio-net: dropping TX frame: {e}"),
         }
         // The device writes nothing into TX buffers.
         0
