@@ -15,6 +15,7 @@ pub mod logger;
 pub mod mailbox;
 pub mod memory;
 pub mod mptable;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;

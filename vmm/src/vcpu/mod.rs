@@ -3,6 +3,7 @@
 
 pub mod exit;
 mod handle;
+pub mod persist;
 pub mod regs;
 mod runner;
 pub mod stats;
