@@ -53,8 +53,8 @@ pub enum Error {
     MsrList { id: u8, count: usize },
     #[error("vCPU {id}: {0}", id = .1)]
     Nested(#[source] NestedError, u8),
-    #[error("vCPU {id}: the snapshot holds a nested state, and this VM was not saved with --nested")]
-    NestedWithoutFlag { id: u8 },
+    #[error("vCPU {0} is not paused: its state can be read only while it is")]
+    NotPaused(u8),
 }
 
 /// Which MSRs a vCPU saves: those `KVM_GET_MSR_INDEX_LIST` lists, and, apart because they go
