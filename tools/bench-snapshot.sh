@@ -5,7 +5,8 @@
 #   - snapshot: nvmm `PUT /vm/snapshot` on a paused VM; QEMU `stop` then
 #     `migrate "exec:cat > FILE"` until `info migrate` says completed;
 #   - restore to running: nvmm's own log line (process start to vCPU threads starting); QEMU
-#     `-incoming "exec:cat FILE"` from process start to `info status` saying running;
+#     `-incoming "exec:cat FILE"` from process start to `info status` saying paused (the saved
+#     run state), then `cont`, to `info status` saying running;
 #   - restore to the guest's next console line, from process start;
 #   - snapshot size on disk (du) against the RAM the guest touched (nvmm: the pages it wrote).
 # Usage: tools/bench-snapshot.sh [RUNS]   (default 5)
@@ -14,7 +15,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 runs="${1:-5}"
-"$REPO_ROOT/tools/build-guest.sh" >&2
+# The guest kernel and initramfs must exist already (tools/build-guest.sh builds them).
+for f in bzImage initramfs.cpio; do
+    [ -f "$GUEST_DIR/$f" ] || { echo "bench-snapshot: no $GUEST_DIR/$f: run tools/build-guest.sh" >&2; exit 1; }
+done
 nvmm="$("$REPO_ROOT/tools/build-nvmm.sh")"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -32,12 +36,24 @@ up() { cut -d' ' -f1 /proc/uptime; }
 # Waits (bounded) until file \$1 has \$2 lines matching \$3.
 wait_lines() {
     n=0
-    while [ "\$(grep -c "\$3" \$1 2>/dev/null)" -lt "\$2" ]; do
+    # 0 before the file exists (the VMM that creates it starts in the background).
+    while c=\$(grep -c "\$3" \$1 2>/dev/null); [ "\${c:-0}" -lt "\$2" ]; do
         usleep 10000; n=\$((n+1)); [ \$n -gt 30000 ] && { echo "BENCH-TIMEOUT \$3 in \$1"; tail -5 \$1; return 1; }
     done
+    return 0
 }
 # Sends an HMP command through QEMU's monitor pipe.
 hmp() { echo "\$1" > /tmp/mon.in; }
+# Repeats HMP command \$1 until the monitor's output has \$2 (bounded).
+hmp_until() {
+    n=0
+    # "paused (inmigrate)" is QEMU still loading, not the state loaded.
+    while ! grep -v inmigrate /tmp/mon.log 2>/dev/null | grep -q "\$2"; do
+        hmp "\$1"; usleep 10000; n=\$((n+1))
+        [ \$n -gt 6000 ] && { echo "BENCH-TIMEOUT \$2"; tail -5 /tmp/mon.log; tail -5 /tmp/qemu.out; return 1; }
+    done
+    return 0
+}
 nvmm_run() {
     mem=\$1 sock=/tmp/api.sock out=/tmp/nvmm.out snap=/tmp/snap
     rm -rf \$snap \$sock \$out
@@ -76,7 +92,7 @@ qemu_run() {
     hmp stop
     t0=\$(up)
     hmp "migrate \"exec:cat > \$mig\""
-    while ! grep -q 'Migration status: completed' /tmp/mon.log; do hmp 'info migrate'; usleep 10000; done
+    hmp_until 'info migrate' 'Migration status: completed' || return
     t1=\$(up)
     hmp quit; wait \$pid 2>/dev/null
     echo "BENCH-SNAP qemu \$mem \$t0 \$t1 - \$(du -k \$mig | cut -f1) - 0"
@@ -86,7 +102,10 @@ qemu_run() {
     \$qemu_cmd -append "\$cmdline reboot=t" -incoming "exec:cat \$mig" >> \$out 2>&1 </dev/null &
     pid=\$!
     cat /tmp/mon.out > /tmp/mon.log &
-    while ! grep -q 'VM status: running' /tmp/mon.log; do hmp 'info status'; usleep 10000; done
+    # The VM was stopped when saved, and QEMU restores that run state: it waits for cont.
+    hmp_until 'info status' 'VM status: paused' || return
+    hmp cont
+    hmp_until 'info status' 'VM status: running' || return
     tr=\$(up)
     wait_lines \$out \$((before + 1)) L2-COUNT || return
     t1=\$(up)
@@ -106,9 +125,10 @@ for f in qboot.rom linuxboot_dma.bin pvh.bin; do
     qemu_files+=(--file "/usr/share/qemu/$f:/usr/share/qemu/$f")
 done
 "$REPO_ROOT/tools/lab.sh" --append quiet --mem 3072 --timeout $((300 + 240 * runs)) \
-    --bin /usr/bin/qemu-system-x86_64 --bin /usr/bin/mkfifo "${qemu_files[@]}" \
+    --bin /usr/bin/qemu-system-x86_64 "${qemu_files[@]}" \
     --file "$nvmm:/lab/nvmm" --file "$GUEST_DIR/bzImage:/lab/bzImage" --file "$tmp/l2.cpio:/lab/l2.cpio" \
     "$tmp/l1.sh" | tee "$tmp/console.log" | grep --line-buffered '^BENCH-' >&2 || true
+cp "$tmp/console.log" "${BENCH_CONSOLE:-/tmp/bench-snapshot-console.log}"
 
 python3 - "$tmp/console.log" <<'PY'
 import re, statistics, sys
