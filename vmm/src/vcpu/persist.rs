@@ -51,6 +51,8 @@ pub enum Error {
     MsrsRefused { id: u8, set: usize, wanted: usize, refused: u32 },
     #[error("vCPU {id}: {count} MSRs do not fit in one KVM_GET_MSRS/KVM_SET_MSRS call")]
     MsrList { id: u8, count: usize },
+    #[error("vCPU {id}: {count} saved CPUID entries do not fit in one KVM_SET_CPUID2 call")]
+    CpuidList { id: u8, count: usize },
     #[error("vCPU {id}: {0}", id = .1)]
     Nested(#[source] NestedError, u8),
     #[error("vCPU {0} is not paused: its state can be read only while it is")]
@@ -129,7 +131,7 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
     let id = state.id;
     let e = |ioctl| move |err| Error::Ioctl { id, ioctl, err };
     // 1.
-    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| Error::MsrList { id, count: state.cpuid.len() })?;
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| Error::CpuidList { id, count: state.cpuid.len() })?;
     fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
     // 2.
     write_msrs(id, fd, &state.vmx_msrs)?;
