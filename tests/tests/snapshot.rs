@@ -219,8 +219,9 @@ fn restored_paused_waits_for_resume() {
     thread::sleep(Duration::from_millis(700));
     assert!(vm.lines().is_empty(), "a VM restored paused printed {:?}", vm.lines());
     assert_eq!(vm.ctl_ok(&["info"])["state"], "paused");
-    // A paused restored VM can be snapshotted again, and that snapshot is the same VM.
-    let snap2 = dir.join("snap2");
+    // A paused restored VM can be saved again, into the very directory its memory is mapped
+    // from (the new files replace the old ones by rename), and that snapshot is the same VM.
+    let snap2 = snap.clone();
     vm.snapshot(&snap2);
     assert_eq!(vm.ctl_ok(&["resume"])["state"], "running");
     vm.wait_for_lines(5);
