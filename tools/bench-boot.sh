@@ -46,7 +46,7 @@ done
 SCRIPT
 
 qemu_files=()
-for f in qboot.rom linuxboot_dma.bin pvh.bin; do
+for f in qboot.rom bios-microvm.bin linuxboot_dma.bin pvh.bin; do
     qemu_files+=(--file "/usr/share/qemu/$f:/usr/share/qemu/$f")
 done
 "$REPO_ROOT/tools/lab.sh" --append quiet --timeout $((120 + 60 * runs)) \

@@ -38,7 +38,7 @@ trap 'rm -rf "$tmp"' EXIT
 qemu_cpio=() qemu_lab=()
 if [ "$qemu" = 1 ]; then
     qemu_cpio=(--bin qemu-system-x86_64) qemu_lab=(--bin qemu-system-x86_64)
-    for f in qboot.rom pvh.bin linuxboot_dma.bin; do
+    for f in qboot.rom bios-microvm.bin pvh.bin linuxboot_dma.bin; do
         qemu_cpio+=("/usr/share/qemu/$f:/usr/share/qemu/$f")
         qemu_lab+=(--file "/usr/share/qemu/$f:/usr/share/qemu/$f")
     done
