@@ -297,3 +297,50 @@ fn guest_cmdline(config: &VmConfig, host: &Host) -> String {
     }
     cmdline
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state with `cpus` vCPUs, `virtio` device states and `ram` bytes of memory ranges, for a
+    /// machine of 1 vCPU, one disk and 64 MiB. KVM's structs read from JSON as their bytes; an
+    /// empty array is all zeros.
+    fn snapshot(cpus: usize, virtio: usize, ram: u64) -> Snapshot {
+        let vcpu = |id| serde_json::json!({ "id": id, "cpuid": [], "vmx_msrs": [], "sregs": [], "nested": null,
+            "tsc_khz": null, "regs": [], "xsave": [], "xcrs": [], "lapic": [], "msrs": [], "mp_state": [],
+            "debugregs": [], "events": [] });
+        let transport = serde_json::to_value(nvmm_devices::virtio::TransportState::default()).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "machine": { "mem_bytes": 64 << 20, "cpus": 1, "nested": false, "acpi": true,
+                "disks": [{ "path": "/d.img", "read_only": false, "id": null, "size_bytes": 4096 }], "nets": [] },
+            "memory": [{ "guest_addr": 0, "len": ram, "file_offset": 0 }],
+            "vm": { "pic_master": [], "pic_slave": [], "ioapic": [], "pit": [], "clock": [] },
+            "vcpus": (0..cpus).map(vcpu).collect::<Vec<_>>(),
+            "devices": { "serial": nvmm_devices::serial::SerialPortState::default(), "i8042": {},
+                "virtio": vec![transport; virtio] },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_that_contradicts_itself_is_refused_before_anything_is_built() {
+        assert!(check_consistent(&snapshot(1, 1, 64 << 20)).is_ok());
+        for (bad, what) in [
+            (snapshot(2, 1, 64 << 20), "2 vCPU states for 1 vCPUs"),
+            (snapshot(1, 0, 64 << 20), "0 virtio states for 1 devices"),
+            (snapshot(1, 1, 32 << 20), "33554432 bytes of memory ranges for 67108864 bytes of RAM"),
+        ] {
+            let e = check_consistent(&bad).unwrap_err().to_string();
+            assert_eq!(e, format!("the snapshot is inconsistent: {what}"));
+        }
+    }
+
+    #[test]
+    fn the_recorded_devices_become_the_configuration_that_builds_them() {
+        let mut m = snapshot(1, 1, 64 << 20).machine;
+        m.nets.push(NetRecord { tap: "tap7".into(), mac: Some("52:54:00:00:00:07".into()) });
+        let (disks, nets) = device_configs(&m);
+        assert_eq!(disks, vec![DiskConfig { path: "/d.img".into(), read_only: false, id: None }]);
+        assert_eq!(nets, vec![NetConfig { tap: "tap7".into(), mac: Some("52:54:00:00:00:07".into()) }]);
+    }
+}
