@@ -10,6 +10,12 @@ use crate::trigger::EventFdTrigger;
 pub const I8042_PORT: u64 = 0x60;
 pub const PORT_COUNT: u64 = 5;
 
+/// The controller's state in a snapshot: empty, because vm-superio's i8042 has no registers (every
+/// read answers 0, and only the reset command does anything). Kept so the controller saves and loads
+/// itself like every other device, and a later controller with registers has its place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {}
+
 pub struct I8042 {
     dev: I8042Device<EventFdTrigger>,
 }
@@ -21,6 +27,14 @@ impl I8042 {
             dev: I8042Device::new(reset),
         }
     }
+}
+
+impl I8042 {
+    pub fn save(&self) -> I8042State {
+        I8042State {}
+    }
+
+    pub fn restore(&mut self, _state: &I8042State) {}
 }
 
 impl BusDevice for I8042 {

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -54,6 +55,28 @@ impl SerialEvents for InputRoom {
     }
 }
 
+/// The UART's registers and its receive FIFO, for a snapshot (vm-superio's `SerialState`, which
+/// has no serde of its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialPortState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("saved serial state does not load: {0}")]
+    Restore(String),
+}
+
 pub struct SerialPort {
     uart: Serial<EventFdTrigger, Arc<InputRoom>, Box<dyn Write + Send>>,
 }
@@ -82,6 +105,44 @@ impl SerialPort {
     /// Free space in the receive FIFO, so input can wait instead of being dropped.
     pub fn input_room(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+}
+
+impl SerialPort {
+    pub fn save(&self) -> SerialPortState {
+        let s = self.uart.state();
+        SerialPortState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Loads saved registers, keeping this port's interrupt line and output. vm-superio raises
+    /// the interrupt again if the saved state has one due.
+    pub fn restore(&mut self, state: &SerialPortState, interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Result<(), SerialError> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let room = self.uart.events().clone();
+        self.uart = Serial::from_state(&s, interrupt, room, out).map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        Ok(())
     }
 }
 
@@ -165,5 +226,33 @@ mod tests {
         // Polling the empty register again does not signal without a new wait().
         s.read(0, &mut b);
         assert!(room.event().read().is_err());
+    }
+
+    #[test]
+    fn registers_and_fifo_round_trip() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialPort::new(EventFdTrigger(evt.try_clone().unwrap()), Arc::new(InputRoom::new().unwrap()), Box::new(Sink::default()));
+        s.write(3, &[0x83]); // LCR: DLAB on, 8 bits
+        s.write(0, &[0x0c]); // divisor low
+        s.write(3, &[0x03]);
+        s.write(7, &[0x5a]); // scratch
+        s.write(1, &[1]);
+        s.enqueue_input(b"ab");
+        let saved = s.save();
+        assert_eq!(saved.in_buffer, b"ab");
+        let _ = evt.read();
+        let evt2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = SerialPort::new(EventFdTrigger(evt2.try_clone().unwrap()), Arc::new(InputRoom::new().unwrap()), Box::new(Sink::default()));
+        t.restore(&saved, EventFdTrigger(evt2.try_clone().unwrap()), Box::new(Sink::default())).unwrap();
+        assert_eq!(t.save(), saved);
+        assert_eq!(evt2.read().unwrap(), 1, "received data due an interrupt raises it again");
+        let mut b = [0u8];
+        t.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        t.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let mut full = saved;
+        full.in_buffer = vec![0; 1000];
+        assert!(t.restore(&full, EventFdTrigger(evt2), Box::new(Sink::default())).is_err());
     }
 }

@@ -1,4 +1,6 @@
-//! Building a VM from its configuration and running it to the end, in one readable order.
+//! Building a VM, from its configuration or from a snapshot, and running it to the end. Both read
+//! top to bottom in the order things are built, and share every step they can: the API socket,
+//! KVM, the VM, the devices, and [`launch`], which starts every thread and runs the main loop.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -10,19 +12,22 @@ use kvm_ioctls::{Cap, Kvm};
 use crate::acpi;
 use crate::api::server::{self as api_server, ApiServer};
 use crate::boot::{self, BootExtras};
-use crate::config::VmConfig;
+use crate::config::{DiskConfig, NetConfig, RestoreConfig, VmConfig};
 use crate::cpuid;
-use crate::devices::{self, ConsoleInput, ExitWatcher, Subscriber};
-use crate::host::Host;
+use crate::devices::{self, ConsoleInput, ExitWatcher, Legacy, Subscriber};
+use crate::host::{Host, Vendor};
 use crate::kvm;
 use crate::mailbox::mailbox;
 use crate::memory;
 use crate::mptable;
 use crate::nested;
+use crate::snapshot::{self, DiskRecord, Machine, NetRecord, Snapshot};
 use crate::terminal::RawMode;
+use crate::vcpu::persist::{self, SaveSpec};
 use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
+use crate::virtio::Attached;
 use crate::vm::Vm;
-use crate::vmm::{self as running, Facts, Parts, Vmm};
+use crate::vmm::{self as running, Facts, Parts, Persisted, Vmm};
 
 /// One error per build stage; each stage's message says what failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,8 @@ pub enum Error {
     Nested(#[from] nested::NestedError),
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_MSR_INDEX_LIST: {0}")]
+    MsrIndexList(#[source] kvm_ioctls::Error),
     #[error("boot tables: {0}")]
     BootTables(#[source] regs::Error),
     #[error(transparent)]
@@ -59,18 +66,27 @@ pub enum Error {
     EventLoop(String),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::Error),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    #[error(transparent)]
+    VcpuState(#[from] persist::Error),
+    #[error("disk {path} has changed since the snapshot: {now} bytes, the snapshot says {saved}")]
+    DiskChanged { path: std::path::PathBuf, saved: u64, now: u64 },
+    #[error("the snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error(transparent)]
+    DeviceState(#[from] nvmm_devices::virtio::PersistError),
 }
 
-/// Builds the VM described by `config`, runs it, and returns how it ended.
+/// Builds the VM described by `config`, boots it, and returns how it ended.
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
     // Before anything else, so that every thread nvmm or its crates start inherits the filter.
     crate::seccomp::install(config.seccomp)?;
     // First, so a bad path fails before any work; the socket file goes when `api` is dropped.
-    let mut api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
+    let api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let kvm = kvm::open()?;
-    let mem = memory::create(config.mem_bytes)?;
-    let vm = Vm::create(&kvm, mem)?;
     let host = Host::real();
+    let vm = Vm::create(&kvm, memory::create(config.mem_bytes)?)?;
     if config.nested {
         nested::preflight(&host, Some(&kvm), Some(&vm.fd))?;
     }
@@ -83,7 +99,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 
     let mut io = IoBuses::default();
     let legacy = devices::setup_legacy(&vm, &mut io, start, config.acpi)?;
-    let virtio = crate::virtio::attach(&vm, &mut io, config)?;
+    let virtio = crate::virtio::attach(&vm, &mut io, &config.disks, &config.nets)?;
 
     // The MP table is always there, for kernels built without ACPI; a kernel with ACPI prefers
     // the MADT. Devices are described once: in the DSDT, or on the command line.
@@ -102,6 +118,79 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
 
+    let machine = machine_of(config, &virtio);
+    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: false, start })
+}
+
+/// Starts the VM saved in `restore.dir` where it stopped, and returns how it ended.
+///
+/// The order, and why (after the seccomp filter, as for a boot):
+/// 1. the API socket, then the state file, read and checked whole: bad input fails before
+///    anything is created;
+/// 2. memory, mapped from the memory file (copy-on-write: nothing is read now);
+/// 3. the VM, then its PIT, kvmclock, PICs and IOAPIC, before any vCPU: the vCPUs' kvmclock MSRs
+///    refer to a clock that already reads the saved time;
+/// 4. the devices, built exactly as for a boot (disks and TAPs reopened by the recorded paths and
+///    names), each disk checked against its recorded size;
+/// 5. the vCPUs, each restored in the order `vcpu/persist.rs` gives;
+/// 6. the devices' own state, last: loading it raises the interrupts that were due again, and an
+///    edge is lost unless the IOAPIC's routes and the LAPICs it targets are already restored;
+/// 7. the threads, running or (`--paused`) paused.
+pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit, Error> {
+    // As for a boot: before any thread exists, so every one inherits the filter.
+    crate::seccomp::install(restore.seccomp)?;
+    let api = restore.api_socket.as_deref().map(ApiServer::bind).transpose()?;
+    let snap = snapshot::load_state(&restore.dir)?;
+    let machine = snap.machine.clone();
+    check_consistent(&snap)?;
+    let kvm = kvm::open()?;
+    let host = Host::real();
+    let vm = Vm::create(&kvm, snapshot::map_memory(&restore.dir, &snap)?)?;
+    if machine.nested {
+        nested::preflight(&host, Some(&kvm), Some(&vm.fd))?;
+    }
+    vm.restore_state(&snap.vm)?;
+
+    let mut io = IoBuses::default();
+    let legacy = devices::setup_legacy(&vm, &mut io, start, machine.acpi)?;
+    let (disks, nets) = device_configs(&machine);
+    let virtio = crate::virtio::attach(&vm, &mut io, &disks, &nets)?;
+    check_disks(&machine.disks, &virtio)?;
+
+    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+    for state in &snap.vcpus {
+        let vcpu = Vcpu::new(&vm.fd, state.id)?;
+        persist::restore(&vcpu.fd, state)?;
+        vcpus.push(vcpu);
+    }
+
+    legacy.restore(&snap.devices.serial, &snap.devices.i8042)?;
+    for (transport, state) in virtio.transports.iter().zip(&snap.devices.virtio) {
+        transport.lock().unwrap_or_else(|e| e.into_inner()).restore(state)?;
+    }
+    log::info!("restored from {} in {:.1} ms (process start to vCPU threads starting)", restore.dir.display(), start.elapsed().as_secs_f64() * 1000.0);
+    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: restore.paused, start })
+}
+
+/// What both builds hand over to [`launch`].
+struct Launch {
+    api: Option<ApiServer>,
+    kvm: Kvm,
+    host: Host,
+    vm: Vm,
+    io: IoBuses,
+    legacy: Legacy,
+    virtio: Attached,
+    vcpus: Vec<Vcpu>,
+    machine: Machine,
+    paused: bool,
+    start: Instant,
+}
+
+/// Starts the console, the device loops, the API and the vCPU threads, then runs the VM.
+fn launch(l: Launch) -> Result<VmExit, Error> {
+    let Launch { mut api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused, start } = l;
+    let spec = Arc::new(save_spec(&kvm, &host, machine.nested)?);
     let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
@@ -120,10 +209,11 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 
     let _raw = RawMode::enter();
     let io = Arc::new(io);
-    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone())).collect::<Result<_, _>>()?;
+    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone(), paused)).collect::<Result<_, _>>()?;
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
-    let facts = Facts { cpus: config.cpus, mem_bytes: config.mem_bytes, layer: host.layer.number(), nested: config.nested, started: start };
-    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts })?;
+    let facts = Facts { cpus: machine.cpus, mem_bytes: machine.mem_bytes, layer: host.layer.number(), nested: machine.nested, started: start };
+    let persisted = Persisted { machine, spec, serial: legacy.serial, i8042: legacy.i8042, transports: virtio.transports };
+    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts, persisted, paused })?;
     Ok(vmm.run()?)
 }
 
@@ -144,6 +234,65 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, host: &Host, config: &VmConfig) -> Result<Ve
     Ok(vcpus)
 }
 
+/// Which MSRs a snapshot of this VM saves: what KVM lists, and the VMX capability MSRs on Intel
+/// with `--nested`.
+fn save_spec(kvm: &Kvm, host: &Host, nested: bool) -> Result<SaveSpec, Error> {
+    let listed = kvm.get_msr_index_list().map_err(Error::MsrIndexList)?;
+    Ok(SaveSpec::new(listed.as_slice(), nested && host.vendor == Vendor::Intel, nested))
+}
+
+/// The machine as a snapshot records it.
+fn machine_of(config: &VmConfig, virtio: &Attached) -> Machine {
+    let disks = config
+        .disks
+        .iter()
+        .zip(&virtio.disks)
+        .map(|(d, a)| DiskRecord {
+            path: std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone()),
+            read_only: d.read_only,
+            id: d.id.clone(),
+            size_bytes: a.device.lock().unwrap_or_else(|e| e.into_inner()).sectors() * 512,
+        })
+        .collect();
+    let nets = config.nets.iter().map(|n| NetRecord { tap: n.tap.clone(), mac: n.mac.clone() }).collect();
+    Machine { mem_bytes: config.mem_bytes, cpus: config.cpus, nested: config.nested, acpi: config.acpi, disks, nets }
+}
+
+/// The devices a snapshot records, as the configuration that builds them.
+fn device_configs(machine: &Machine) -> (Vec<DiskConfig>, Vec<NetConfig>) {
+    let disks = machine.disks.iter().map(|d| DiskConfig { path: d.path.clone(), read_only: d.read_only, id: d.id.clone() }).collect();
+    let nets = machine.nets.iter().map(|n| NetConfig { tap: n.tap.clone(), mac: n.mac.clone() }).collect();
+    (disks, nets)
+}
+
+/// A disk whose size changed is not the disk the guest knew.
+fn check_disks(records: &[DiskRecord], virtio: &Attached) -> Result<(), Error> {
+    for (r, a) in records.iter().zip(&virtio.disks) {
+        let now = a.device.lock().unwrap_or_else(|e| e.into_inner()).sectors() * 512;
+        if now != r.size_bytes {
+            return Err(Error::DiskChanged { path: r.path.clone(), saved: r.size_bytes, now });
+        }
+    }
+    Ok(())
+}
+
+/// Counts that must agree before anything is built from the state.
+fn check_consistent(snap: &Snapshot) -> Result<(), Error> {
+    let m = &snap.machine;
+    if snap.vcpus.len() != usize::from(m.cpus) || snap.vcpus.iter().enumerate().any(|(i, v)| usize::from(v.id) != i) {
+        return Err(Error::Inconsistent(format!("{} vCPU states for {} vCPUs", snap.vcpus.len(), m.cpus)));
+    }
+    let devices = m.disks.len() + m.nets.len();
+    if snap.devices.virtio.len() != devices {
+        return Err(Error::Inconsistent(format!("{} virtio states for {devices} devices", snap.devices.virtio.len())));
+    }
+    let ram: u64 = snap.memory.iter().map(|r| r.len).sum();
+    if ram != m.mem_bytes {
+        return Err(Error::Inconsistent(format!("{ram} bytes of memory ranges for {} bytes of RAM", m.mem_bytes)));
+    }
+    Ok(())
+}
+
 /// The user's command line, plus the guest's layer when ours is known, so `nvmm check` inside the
 /// guest can say which layer it runs at.
 fn guest_cmdline(config: &VmConfig, host: &Host) -> String {
@@ -154,4 +303,51 @@ fn guest_cmdline(config: &VmConfig, host: &Host) -> String {
         }
     }
     cmdline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state with `cpus` vCPUs, `virtio` device states and `ram` bytes of memory ranges, for a
+    /// machine of 1 vCPU, one disk and 64 MiB. KVM's structs read from JSON as their bytes; an
+    /// empty array is all zeros.
+    fn snapshot(cpus: usize, virtio: usize, ram: u64) -> Snapshot {
+        let vcpu = |id| serde_json::json!({ "id": id, "cpuid": [], "vmx_msrs": [], "sregs": [], "nested": null,
+            "tsc_khz": null, "regs": [], "xsave": [], "xcrs": [], "lapic": [], "msrs": [], "mp_state": [],
+            "debugregs": [], "events": [] });
+        let transport = serde_json::to_value(nvmm_devices::virtio::TransportState::default()).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "machine": { "mem_bytes": 64 << 20, "cpus": 1, "nested": false, "acpi": true,
+                "disks": [{ "path": "/d.img", "read_only": false, "id": null, "size_bytes": 4096 }], "nets": [] },
+            "memory": [{ "guest_addr": 0, "len": ram, "file_offset": 0 }],
+            "vm": { "pic_master": [], "pic_slave": [], "ioapic": [], "pit": [], "clock": [] },
+            "vcpus": (0..cpus).map(vcpu).collect::<Vec<_>>(),
+            "devices": { "serial": nvmm_devices::serial::SerialPortState::default(), "i8042": {},
+                "virtio": vec![transport; virtio] },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_that_contradicts_itself_is_refused_before_anything_is_built() {
+        assert!(check_consistent(&snapshot(1, 1, 64 << 20)).is_ok());
+        for (bad, what) in [
+            (snapshot(2, 1, 64 << 20), "2 vCPU states for 1 vCPUs"),
+            (snapshot(1, 0, 64 << 20), "0 virtio states for 1 devices"),
+            (snapshot(1, 1, 32 << 20), "33554432 bytes of memory ranges for 67108864 bytes of RAM"),
+        ] {
+            let e = check_consistent(&bad).unwrap_err().to_string();
+            assert_eq!(e, format!("the snapshot is inconsistent: {what}"));
+        }
+    }
+
+    #[test]
+    fn the_recorded_devices_become_the_configuration_that_builds_them() {
+        let mut m = snapshot(1, 1, 64 << 20).machine;
+        m.nets.push(NetRecord { tap: "tap7".into(), mac: Some("52:54:00:00:00:07".into()) });
+        let (disks, nets) = device_configs(&m);
+        assert_eq!(disks, vec![DiskConfig { path: "/d.img".into(), read_only: false, id: None }]);
+        assert_eq!(nets, vec![NetConfig { tap: "tap7".into(), mac: Some("52:54:00:00:00:07".into()) }]);
+    }
 }

@@ -35,8 +35,13 @@ pub enum Command {
     Ctl {
         /// The socket given to that nvmm's --api-socket.
         socket: PathBuf,
-        #[arg(value_enum)]
+        #[command(subcommand)]
         command: crate::api::client::Command,
+    },
+    /// Describe a snapshot directory as JSON: format version, machine, and per vCPU its RIP and
+    /// nested state (flags, size, whether it was in guest mode).
+    SnapshotInfo {
+        dir: PathBuf,
     },
 }
 
@@ -87,6 +92,19 @@ pub struct RunArgs {
     /// log (the kernel logs it and lets it through), or off.
     #[arg(long, value_name = "MODE", default_value = "on")]
     pub seccomp: crate::seccomp::Mode,
+    /// Start the VM saved in DIR (by `PUT /vm/snapshot`) instead of booting one; the machine's
+    /// shape, disks and TAPs come from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "nested", "disk", "net", "no_acpi", "mem", "cpus", "cmdline", "entry"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: leave the VM paused until `PUT /vm/resume`.
+    #[arg(long)]
+    pub paused: bool,
+}
+
+/// What the command line asks to run.
+pub enum Run {
+    Boot(VmConfig),
+    Restore(config::RestoreConfig),
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -97,6 +115,8 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 pub enum Error {
     #[error("--kernel is required (see --help)")]
     NoKernel,
+    #[error("--paused goes with --restore: a booting VM starts running")]
+    PausedWithoutRestore,
 }
 
 /// What a command line that clap did not accept comes to.
@@ -127,6 +147,14 @@ pub fn refusal(err: &clap::Error) -> Refusal {
 }
 
 impl RunArgs {
+    pub fn into_run(self) -> Result<Run, Error> {
+        match self.restore {
+            Some(dir) => Ok(Run::Restore(config::RestoreConfig { dir, api_socket: self.api_socket, paused: self.paused, seccomp: self.seccomp })),
+            None if self.paused => Err(Error::PausedWithoutRestore),
+            None => self.into_config().map(Run::Boot),
+        }
+    }
+
     pub fn into_config(self) -> Result<VmConfig, Error> {
         Ok(VmConfig {
             acpi: config::wants_acpi(self.no_acpi, &self.cmdline),
@@ -195,6 +223,20 @@ mod tests {
         assert!(matches!(c.command, Some(Command::Ctl { command: crate::api::client::Command::Pause, .. })));
         assert!(parse(&["ctl", "/run/nvmm.sock", "explode"]).is_err());
         assert!(parse(&["ctl", "/run/nvmm.sock"]).is_err());
+        let c = parse(&["ctl", "/run/nvmm.sock", "snapshot", "/snap"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Ctl { command: crate::api::client::Command::Snapshot { .. }, .. })));
+        assert!(parse(&["ctl", "/run/nvmm.sock", "snapshot"]).is_err());
+    }
+
+    #[test]
+    fn restore_takes_only_what_a_snapshot_does_not_record() {
+        let run = parse(&["--restore", "/s", "--api-socket", "/a.sock", "--paused"]).unwrap().run.into_run().unwrap();
+        let Run::Restore(r) = run else { panic!("not a restore") };
+        assert_eq!((r.dir, r.api_socket, r.paused), ("/s".into(), Some("/a.sock".into()), true));
+        assert!(parse(&["--restore", "/s", "--kernel", "/k"]).is_err());
+        assert!(parse(&["--restore", "/s", "--mem", "1G"]).is_err());
+        assert!(matches!(parse(&["--kernel", "/k", "--paused"]).unwrap().run.into_run(), Err(Error::PausedWithoutRestore)));
+        assert!(matches!(parse(&["--kernel", "/k"]).unwrap().run.into_run(), Ok(Run::Boot(_))));
     }
 
     #[test]

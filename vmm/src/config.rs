@@ -26,6 +26,17 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::Mode,
 }
 
+/// `nvmm --restore DIR`: a VM saved by `PUT /vm/snapshot`, started again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreConfig {
+    pub dir: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    /// Leave the VM paused (resume it through the API).
+    pub paused: bool,
+    /// Seccomp filters on every thread (off, log, on).
+    pub seccomp: crate::seccomp::Mode,
+}
+
 /// Whether the guest should get ACPI tables: not when the user said `--no-acpi`, nor when the
 /// kernel is told `acpi=off`, which would leave it with no way to find its virtio devices.
 pub fn wants_acpi(no_acpi: bool, cmdline: &str) -> bool {

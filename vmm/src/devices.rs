@@ -9,8 +9,8 @@ use std::time::Instant;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nvmm_devices::acpi_pm::{self, AcpiPm, ACPI_PM_PORT};
 use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
-use nvmm_devices::i8042::{self, I8042};
-use nvmm_devices::serial::{self, InputRoom, SerialPort};
+use nvmm_devices::i8042::{self, I8042, I8042State};
+use nvmm_devices::serial::{self, InputRoom, SerialPort, SerialPortState};
 use nvmm_devices::trigger::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,6 +25,8 @@ pub enum Error {
     Bus(#[from] nvmm_devices::bus::BusError),
     #[error(transparent)]
     Vm(#[from] crate::vm::Error),
+    #[error(transparent)]
+    SerialState(#[from] serial::SerialError),
 }
 
 fn eventfd() -> Result<EventFd, Error> {
@@ -39,6 +41,9 @@ pub struct Legacy {
     pub serial: Arc<Mutex<SerialPort>>,
     /// Signalled when the guest empties the serial receive FIFO, while console input waits.
     pub serial_room: Arc<InputRoom>,
+    /// The serial port's interrupt line, for loading a saved state into the port.
+    serial_irq: EventFd,
+    pub i8042: Arc<Mutex<I8042>>,
     /// Signalled by the i8042 reset line and the ACPI reset register.
     pub reset: EventFd,
     /// Signalled when the guest enters ACPI S5.
@@ -51,12 +56,14 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Re
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
     let serial_room = Arc::new(InputRoom::new().map_err(Error::EventFd)?);
-    let serial = Arc::new(Mutex::new(SerialPort::new(EventFdTrigger(serial_irq), serial_room.clone(), Box::new(std::io::stdout()))));
+    let trigger = EventFdTrigger(serial_irq.try_clone().map_err(Error::EventFd)?);
+    let serial = Arc::new(Mutex::new(SerialPort::new(trigger, serial_room.clone(), Box::new(std::io::stdout()))));
     io.pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())?;
 
     let reset = eventfd()?;
     let dup = reset.try_clone().map_err(Error::EventFd)?;
-    io.pio.insert(i8042::I8042_PORT, i8042::PORT_COUNT, Arc::new(Mutex::new(I8042::new(EventFdTrigger(dup)))))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(dup))));
+    io.pio.insert(i8042::I8042_PORT, i8042::PORT_COUNT, i8042.clone())?;
     io.pio.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(BootTimer::new(start))))?;
 
     let power_off = eventfd()?;
@@ -67,7 +74,18 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Re
         );
         io.pio.insert(ACPI_PM_PORT, acpi_pm::PORT_COUNT, Arc::new(Mutex::new(pm)))?;
     }
-    Ok(Legacy { serial, serial_room, reset, power_off })
+    Ok(Legacy { serial, serial_room, serial_irq, i8042, reset, power_off })
+}
+
+impl Legacy {
+    /// Loads the serial port's and the i8042's saved state; the port keeps its interrupt line
+    /// and writes to stdout as before.
+    pub fn restore(&self, serial: &SerialPortState, i8042: &I8042State) -> Result<(), Error> {
+        let trigger = EventFdTrigger(self.serial_irq.try_clone().map_err(Error::EventFd)?);
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(serial, trigger, Box::new(std::io::stdout()))?;
+        self.i8042.lock().unwrap_or_else(|e| e.into_inner()).restore(i8042);
+        Ok(())
+    }
 }
 
 /// Feeds the host's stdin to the guest's serial port, only as fast as the guest reads it: once the

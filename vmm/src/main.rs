@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nvmm::cli::{BenchCommand, Cli, Command, Refusal, RunArgs};
+use nvmm::cli::{BenchCommand, Cli, Command, Refusal, Run, RunArgs};
 use nvmm::vcpu::VmExit;
 
 fn main() -> ExitCode {
@@ -29,14 +29,21 @@ fn main() -> ExitCode {
         },
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
-        Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),
+        Some(Command::Ctl { socket, command }) => report(ctl(&socket, &command)),
+        Some(Command::SnapshotInfo { dir }) => report(snapshot_info(&dir)),
     };
     nvmm::logger::report_suppressed();
     status
 }
 
+fn snapshot_info(dir: &std::path::Path) -> Result<(), String> {
+    let info = nvmm::snapshot::info(dir).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
 /// Prints the server's JSON answer; a server error or a missing socket is the one-line failure.
-fn ctl(socket: &std::path::Path, command: nvmm::api::client::Command) -> Result<(), String> {
+fn ctl(socket: &std::path::Path, command: &nvmm::api::client::Command) -> Result<(), String> {
     let answer = nvmm::api::client::call(socket, command).map_err(|e| e.to_string())?;
     // A reader that stops early is not an error of ours.
     let _ = writeln!(std::io::stdout().lock(), "{answer}");
@@ -68,8 +75,11 @@ fn check(json: bool) -> ExitCode {
 }
 
 fn run(args: RunArgs, start: Instant) -> Result<(), String> {
-    let config = args.into_config().map_err(|e| e.to_string())?;
-    match nvmm::builder::build_and_run(&config, start).map_err(|e| e.to_string())? {
+    let exit = match args.into_run().map_err(|e| e.to_string())? {
+        Run::Boot(config) => nvmm::builder::build_and_run(&config, start),
+        Run::Restore(restore) => nvmm::builder::restore_and_run(&restore, start),
+    };
+    match exit.map_err(|e| e.to_string())? {
         VmExit::Reset | VmExit::PowerOff | VmExit::Shutdown => Ok(()),
         VmExit::Error(msg) => Err(format!("the VM stopped: {msg}")),
     }

@@ -10,7 +10,7 @@ use linux_loader::cmdline::Cmdline;
 use nvmm_devices::virtio::{self, Block, BlockConfig, MmioTransport, Net, NetConfig, VirtioDevice, MMIO_LEN, QUEUE_NOTIFY};
 use vm_memory::GuestAddress;
 
-use crate::config::VmConfig;
+use crate::config::{self, DiskConfig};
 use crate::device_loop::{self, DeviceLoop};
 use crate::devices::Subscriber;
 use crate::memory::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
@@ -65,6 +65,8 @@ pub struct AttachedDisk {
 
 /// What the VMM keeps of the virtio devices once they are on the bus.
 pub struct Attached {
+    /// One per device, in device order: what a snapshot saves and a restore loads.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// One event-loop subscriber per device, in device order, with the seccomp filter its
     /// thread gets.
     pub subscribers: Vec<(Subscriber, ThreadKind)>,
@@ -73,14 +75,14 @@ pub struct Attached {
     pub windows: Vec<MmioWindow>,
 }
 
-fn open_devices(config: &VmConfig, disks: &mut Vec<AttachedDisk>) -> Result<Vec<Opened>, Error> {
+fn open_devices(disk_configs: &[DiskConfig], nets: &[config::NetConfig], disks: &mut Vec<AttachedDisk>) -> Result<Vec<Opened>, Error> {
     let mut out = Vec::new();
-    for d in &config.disks {
+    for d in disk_configs {
         let block = Arc::new(Mutex::new(Block::new(BlockConfig { path: d.path.clone(), read_only: d.read_only, id: d.id.clone() })?));
         disks.push(AttachedDisk { path: d.path.clone(), device: block.clone() });
         out.push(Opened { device: block.clone(), subscriber: block, kind: ThreadKind::Block });
     }
-    for n in &config.nets {
+    for n in nets {
         let mac = n.mac.as_deref().map(virtio::parse_mac).transpose()?;
         let net = Arc::new(Mutex::new(Net::new(NetConfig { tap: n.tap.clone(), mac })?));
         out.push(Opened { device: net.clone(), subscriber: net, kind: ThreadKind::Net });
@@ -88,14 +90,20 @@ fn open_devices(config: &VmConfig, disks: &mut Vec<AttachedDisk>) -> Result<Vec<
     Ok(out)
 }
 
-/// Opens every `--disk` and `--net` and places them on the MMIO bus.
-pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig) -> Result<Attached, Error> {
+/// Opens every disk and TAP and places them on the MMIO bus: disks first, then nets, one window
+/// each in that order (a snapshot's devices are matched to their windows by it).
+pub fn attach(vm: &Vm, io: &mut IoBuses, disk_configs: &[DiskConfig], nets: &[config::NetConfig]) -> Result<Attached, Error> {
     let mut disks = Vec::new();
-    let devices = open_devices(config, &mut disks)?;
+    let devices = open_devices(disk_configs, nets, &mut disks)?;
     if devices.len() > (LAST_IRQ - FIRST_IRQ + 1) as usize {
         return Err(Error::TooMany(devices.len()));
     }
-    let mut attached = Attached { subscribers: Vec::with_capacity(devices.len()), disks, windows: Vec::with_capacity(devices.len()) };
+    let mut attached = Attached {
+        transports: Vec::with_capacity(devices.len()),
+        subscribers: Vec::with_capacity(devices.len()),
+        disks,
+        windows: Vec::with_capacity(devices.len()),
+    };
     for (i, dev) in devices.into_iter().enumerate() {
         let window = MmioWindow { base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE, len: MMIO_LEN, irq: FIRST_IRQ + i as u32 };
         let transport = MmioTransport::new(vm.mem.clone(), dev.device);
@@ -103,7 +111,9 @@ pub fn attach(vm: &Vm, io: &mut IoBuses, config: &VmConfig) -> Result<Attached, 
             vm.register_mmio_ioevent(evt, window.base + QUEUE_NOTIFY, queue as u32)?;
         }
         vm.register_irqfd(transport.interrupt_event(), window.irq)?;
-        io.mmio.insert(window.base, window.len, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        io.mmio.insert(window.base, window.len, transport.clone())?;
+        attached.transports.push(transport);
         attached.subscribers.push((dev.subscriber, dev.kind));
         attached.windows.push(window);
     }

@@ -1,7 +1,11 @@
 //! The VM file descriptor: guest memory slots, the in-kernel interrupt controllers and PIT, and the
 //! eventfd wiring (ioeventfd, irqfd) that keeps device traffic off the vCPU threads.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use serde::{Deserialize, Serialize};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +30,18 @@ pub enum Error {
     Irqfd(u32, #[source] kvm_ioctls::Error),
     #[error("KVM_IOEVENTFD ({0:#x}): {1}")]
     Ioeventfd(u64, #[source] kvm_ioctls::Error),
+    #[error("{0}: {1}")]
+    State(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// What KVM holds for the whole VM: the two PICs, the IOAPIC, the PIT, and kvmclock.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 pub struct Vm {
@@ -56,6 +72,40 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(Error::CreatePit)?;
         Ok(Self { fd, mem })
+    }
+
+    /// Reads the interrupt controllers, the PIT and kvmclock of a VM whose vCPUs are paused.
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        let chip = |chip_id, name| {
+            let mut c = kvm_irqchip { chip_id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map(|()| c).map_err(|e| Error::State(name, e))
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER, "KVM_GET_IRQCHIP (PIC master)")?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "KVM_GET_IRQCHIP (PIC slave)")?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC, "KVM_GET_IRQCHIP (IOAPIC)")?,
+            pit: self.fd.get_pit2().map_err(|e| Error::State("KVM_GET_PIT2", e))?,
+            clock: self.fd.get_clock().map_err(|e| Error::State("KVM_GET_CLOCK", e))?,
+        })
+    }
+
+    /// Loads what [`Vm::save_state`] read, before any vCPU state goes in: the vCPUs' kvmclock
+    /// MSRs then refer to a clock that already reads the saved time.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), Error> {
+        self.fd.set_pit2(&state.pit).map_err(|e| Error::State("KVM_SET_PIT2", e))?;
+        // The flags say how the clock was read (TSC-stable, with host time); KVM_SET_CLOCK takes
+        // only KVM_CLOCK_REALTIME, which would move the clock on by the time spent in the file.
+        // Without it the guest's clock goes on from where it was paused.
+        let clock = kvm_clock_data { flags: 0, ..state.clock };
+        self.fd.set_clock(&clock).map_err(|e| Error::State("KVM_SET_CLOCK", e))?;
+        for (chip, name) in [
+            (&state.pic_master, "KVM_SET_IRQCHIP (PIC master)"),
+            (&state.pic_slave, "KVM_SET_IRQCHIP (PIC slave)"),
+            (&state.ioapic, "KVM_SET_IRQCHIP (IOAPIC)"),
+        ] {
+            self.fd.set_irqchip(chip).map_err(|e| Error::State(name, e))?;
+        }
+        Ok(())
     }
 
     /// Interrupts: a write to `evt` raises `gsi` (edge) inside KVM.

@@ -16,7 +16,13 @@ use event_manager::{EventManager, SubscriberOps};
 use nvmm_devices::virtio::block::disk::DiskError;
 use serde::Serialize;
 
+use nvmm_devices::i8042::I8042;
+use nvmm_devices::serial::SerialPort;
+use nvmm_devices::virtio::MmioTransport;
+
 use crate::api::{self, Action, ApiError, Call, Status};
+use crate::snapshot::{self, DevicesState, Machine, Snapshot};
+use crate::vcpu::persist::SaveSpec;
 use crate::device_loop::{self, DeviceLoop};
 use crate::devices::Subscriber;
 use crate::mailbox::Inbox;
@@ -48,13 +54,21 @@ pub enum Error {
     ApiWakeup(#[source] std::io::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error("a snapshot needs a paused VM: pause it first")]
+    SnapshotRunning,
+    #[error("snapshot: {0}")]
+    VmState(#[source] crate::vm::Error),
+    #[error("snapshot not written (the VM stays paused): {0}")]
+    Snapshot(#[source] snapshot::Error),
 }
 
 impl Error {
-    /// A request the VM's state does not allow is the client's conflict; the rest are ours.
+    /// A request the VM's state does not allow is the client's conflict, a destination that
+    /// cannot be written the client's mistake; the rest are ours.
     fn status(&self) -> Status {
         match self {
-            Error::AlreadyPaused | Error::NotPaused | Error::Stopping => Status::Conflict,
+            Error::AlreadyPaused | Error::NotPaused | Error::Stopping | Error::SnapshotRunning => Status::Conflict,
+            Error::Snapshot(e) if e.is_destination() => Status::BadRequest,
             _ => Status::Internal,
         }
     }
@@ -98,6 +112,17 @@ pub struct VcpuInfo {
     pub exits_source: ExitSource,
 }
 
+/// What saving the VM needs beyond the VM itself: the machine's shape, which MSRs to read, and
+/// the devices that save their own state.
+pub struct Persisted {
+    pub machine: Machine,
+    pub spec: Arc<SaveSpec>,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    /// One per virtio-mmio window, in window order.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
 /// What the builder hands over once everything is created and started.
 pub struct Parts {
     pub vm: Vm,
@@ -110,6 +135,9 @@ pub struct Parts {
     /// API calls, when `--api-socket` is given.
     pub api: Option<Inbox<Call>>,
     pub facts: Facts,
+    pub persisted: Persisted,
+    /// The vCPUs were started paused (`--restore DIR --paused`); the devices are parked here.
+    pub paused: bool,
 }
 
 pub struct Vmm {
@@ -121,6 +149,7 @@ pub struct Vmm {
     disks: Vec<AttachedDisk>,
     api: Option<Inbox<Call>>,
     facts: Facts,
+    persisted: Persisted,
     state: RunState,
 }
 
@@ -130,8 +159,16 @@ impl Vmm {
             let wakeup = inbox.wakeup().map_err(Error::ApiWakeup)?;
             parts.events.add_subscriber(Arc::new(Mutex::new(wakeup)));
         }
-        let Parts { vm, events, exit, vcpus, devices, disks, api, facts } = parts;
-        Ok(Self { vm, events, exit, vcpus, devices, disks, api, facts, state: RunState::Running })
+        let Parts { vm, events, exit, vcpus, devices, disks, api, facts, persisted, paused } = parts;
+        let mut vmm = Self { vm, events, exit, vcpus, devices, disks, api, facts, persisted, state: RunState::Running };
+        if paused {
+            // The vCPUs never ran; the devices must not either (a TAP would fill guest memory).
+            for device in &vmm.devices {
+                device.park(ANSWER_TIMEOUT)?;
+            }
+            vmm.state = RunState::Paused;
+        }
+        Ok(vmm)
     }
 
     /// Runs the main loop until the VM ends, then ends every thread and says why the VM ended.
@@ -216,6 +253,36 @@ impl Vmm {
         }
     }
 
+    /// Saves the paused VM into `destination`; it stays paused whatever happens. Every vCPU is
+    /// read on its own thread, then the VM's chips and clock, then each device, then memory.
+    pub fn snapshot(&mut self, destination: &std::path::Path) -> Result<snapshot::Written, Error> {
+        if self.state != RunState::Paused {
+            return Err(Error::SnapshotRunning);
+        }
+        let started = Instant::now();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &mut self.vcpus {
+            vcpus.push(vcpu.save(self.persisted.spec.clone(), ANSWER_TIMEOUT)?);
+        }
+        let vm = self.vm.save_state().map_err(Error::VmState)?;
+        let p = &self.persisted;
+        let devices = DevicesState {
+            serial: p.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            i8042: p.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            virtio: p.transports.iter().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save()).collect(),
+        };
+        let state = Snapshot { machine: p.machine.clone(), memory: Vec::new(), vm, vcpus, devices };
+        let written = snapshot::save(destination, &self.vm.mem, state).map_err(Error::Snapshot)?;
+        log::info!(
+            "snapshot to {} in {:.1} ms: {} KiB of memory pages, {} KiB of state",
+            destination.display(),
+            started.elapsed().as_secs_f64() * 1000.0,
+            written.memory_bytes_written >> 10,
+            written.state_bytes >> 10
+        );
+        Ok(written)
+    }
+
     pub fn info(&self) -> VmInfo {
         let vcpus = self
             .vcpus
@@ -294,6 +361,17 @@ impl Vmm {
                 let flushed = self.shutdown().map_err(refused)?;
                 serde_json::json!({ "state": "shut down", "disks_flushed": flushed })
             }
+            Action::Snapshot { destination } => {
+                let started = Instant::now();
+                let written = self.snapshot(&destination).map_err(refused)?;
+                serde_json::json!({
+                    "state": RunState::Paused,
+                    "destination": destination,
+                    "memory_bytes_written": written.memory_bytes_written,
+                    "state_bytes": written.state_bytes,
+                    "ms": started.elapsed().as_secs_f64() * 1000.0,
+                })
+            }
         })
     }
 
@@ -332,11 +410,15 @@ mod tests {
 
     #[test]
     fn state_errors_are_conflicts_and_the_rest_internal() {
-        for e in [Error::AlreadyPaused, Error::NotPaused, Error::Stopping] {
+        for e in [Error::AlreadyPaused, Error::NotPaused, Error::Stopping, Error::SnapshotRunning] {
             assert_eq!(e.status(), Status::Conflict, "{e}");
         }
         assert_eq!(Error::EventLoop("x".into()).status(), Status::Internal);
         assert_eq!(Error::Vcpu(vcpu::Error::Gone(0)).status(), Status::Internal);
+        let unwritable = snapshot::Error::CreateDir { path: "/x".into(), err: std::io::ErrorKind::PermissionDenied.into() };
+        assert_eq!(Error::Snapshot(unwritable).status(), Status::BadRequest);
+        let ours = snapshot::Error::Serialize(serde_json::from_str::<u8>("x").unwrap_err());
+        assert_eq!(Error::Snapshot(ours).status(), Status::Internal);
     }
 
     #[test]

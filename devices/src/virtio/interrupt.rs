@@ -82,6 +82,18 @@ impl Interrupt {
         &self.event
     }
 
+    /// Puts back a saved status and generation. A status with bits set raises the interrupt
+    /// once: the edge the guest may not have taken before the snapshot must not be lost, and a
+    /// second one costs the driver one look at an unchanged ring.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32) -> io::Result<()> {
+        self.config_generation.store(config_generation, Ordering::SeqCst);
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            self.event.write(1)?;
+        }
+        Ok(())
+    }
+
     /// Device reset: no interrupt pending.
     pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);

@@ -32,6 +32,7 @@ mod interrupt;
 mod iovec;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 mod ring;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -50,6 +51,7 @@ pub(crate) use iovec::{advance, push_guest_iovecs, IOV_MAX};
 pub use ring::Drained;
 pub use mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 pub use net::{parse_mac, Net, NetConfig, NetError};
+pub use persist::{DeviceState, PersistError, QueueSnapshot, TransportState};
 pub(crate) use ring::{
     add_used_batch, complete_chains, drain_queue, keep_going, mute, needs_interrupt, unmute,
 };
@@ -95,6 +97,17 @@ pub trait VirtioDevice: Send {
 
     /// Returns the device to its initial state: queues dropped, pending work discarded.
     fn reset(&mut self);
+
+    /// What the device holds beyond its transport's registers, for a snapshot. The VMM asks only
+    /// while the device's loop is parked, between two requests.
+    fn save_state(&self) -> DeviceState;
+
+    /// Takes back a frame saved by [`VirtioDevice::save_state`], after the device was activated
+    /// with its saved queues. Only virtio-net holds frames; the others have nothing to take.
+    fn load_held_frame(&mut self, frame: Vec<u8>) -> Result<(), PersistError> {
+        log::warn!("virtio device {}: ignoring a saved frame of {} bytes", self.device_type(), frame.len());
+        Ok(())
+    }
 }
 
 /// Why a device refused to start.

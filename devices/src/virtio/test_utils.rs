@@ -179,6 +179,12 @@ impl VirtioDevice for FakeDevice {
         self.active = None;
         self.resets += 1;
     }
+    fn save_state(&self) -> super::DeviceState {
+        super::DeviceState {
+            queues: self.active.as_ref().map(|a| a.queues.iter().map(super::QueueSnapshot::of).collect()),
+            held_frame: None,
+        }
+    }
 }
 
 /// One descriptor of a chain to build: guest address, length, device-writable.

@@ -1,5 +1,6 @@
-//! `nvmm ctl SOCKET info|pause|resume|shutdown`: one HTTP/1.1 request on the API socket, the
-//! response parsed with httparse. The JSON answer goes to stdout; an error answer becomes one line.
+//! `nvmm ctl SOCKET info|pause|resume|shutdown|snapshot DIR`: one HTTP/1.1 request on the API
+//! socket, the response parsed with httparse. The JSON answer goes to stdout; an error answer
+//! becomes one line.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,7 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_RESPONSE: usize = 1 << 20;
 
 /// What `nvmm ctl` can ask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum Command {
     /// GET /vm: state, vCPUs, memory, layer, nested, uptime, exits per vCPU.
     Info,
@@ -22,15 +23,33 @@ pub enum Command {
     Resume,
     /// PUT /vm/shutdown: flush every disk, then nvmm exits 0.
     Shutdown,
+    /// PUT /vm/snapshot: save the paused VM into DIR (created if missing); it stays paused.
+    Snapshot {
+        /// Where to write the snapshot; a relative path is taken from the current directory.
+        dir: PathBuf,
+    },
 }
 
 impl Command {
-    fn request_line(self) -> (&'static str, &'static str) {
+    fn request_line(&self) -> (&'static str, &'static str) {
         match self {
             Command::Info => ("GET", "/vm"),
             Command::Pause => ("PUT", "/vm/pause"),
             Command::Resume => ("PUT", "/vm/resume"),
             Command::Shutdown => ("PUT", "/vm/shutdown"),
+            Command::Snapshot { .. } => ("PUT", "/vm/snapshot"),
+        }
+    }
+
+    /// The JSON body: only a snapshot has one, with its directory made absolute here, since the
+    /// server does not share our working directory.
+    fn body(&self) -> Result<String, Error> {
+        match self {
+            Command::Snapshot { dir } => {
+                let dir = std::path::absolute(dir).map_err(|err| Error::Io { path: dir.clone(), err })?;
+                Ok(serde_json::json!({ "destination": dir }).to_string())
+            }
+            _ => Ok(String::new()),
         }
     }
 }
@@ -50,12 +69,16 @@ pub enum Error {
 }
 
 /// Sends `command` to the server at `socket` and returns its JSON answer.
-pub fn call(socket: &Path, command: Command) -> Result<String, Error> {
+pub fn call(socket: &Path, command: &Command) -> Result<String, Error> {
+    let body = command.body()?;
     let io = |err| Error::Io { path: socket.to_path_buf(), err };
     let mut stream = UnixStream::connect(socket).map_err(|err| Error::Connect { path: socket.to_path_buf(), err })?;
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     let (method, path) = command.request_line();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).map_err(io)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -112,6 +135,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_snapshot_names_an_absolute_directory() {
+        let body = Command::Snapshot { dir: "snaps/one".into() }.body().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let dest = v["destination"].as_str().unwrap();
+        assert!(dest.starts_with('/') && dest.ends_with("snaps/one"), "{dest}");
+        assert_eq!(Command::Pause.body().unwrap(), "");
+    }
+
+    #[test]
     fn a_response_is_parsed_only_once_whole() {
         let full = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 18\r\n\r\n{\"state\":\"paused\"}";
         assert!(parse_response(&full[..10]).unwrap().is_none());
@@ -130,6 +162,6 @@ mod tests {
     fn garbage_and_missing_sockets_are_errors() {
         assert!(matches!(parse_response(b"SMTP ready\r\n\r\n"), Err(Error::Parse(_))));
         assert!(matches!(parse_response(b"HTTP/1.1 200 OK\r\n\r\n"), Err(Error::Parse(_))));
-        assert!(matches!(call(Path::new("/nonexistent/nvmm.sock"), Command::Info), Err(Error::Connect { .. })));
+        assert!(matches!(call(Path::new("/nonexistent/nvmm.sock"), &Command::Info), Err(Error::Connect { .. })));
     }
 }

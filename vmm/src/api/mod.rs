@@ -9,7 +9,7 @@ pub mod server;
 use std::sync::mpsc::Sender;
 
 /// What a client can ask the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// `GET /vm`
     Info,
@@ -19,6 +19,8 @@ pub enum Action {
     Resume,
     /// `PUT /vm/shutdown`
     Shutdown,
+    /// `PUT /vm/snapshot` with `{"destination": DIR}`
+    Snapshot { destination: std::path::PathBuf },
 }
 
 /// A call on its way to the VMM, with where its answer goes.

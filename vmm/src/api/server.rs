@@ -9,9 +9,10 @@
 //! | `PUT /vm/pause`     | pause (409 if paused)                    |
 //! | `PUT /vm/resume`    | resume (409 if running)                  |
 //! | `PUT /vm/shutdown`  | flush every disk, then nvmm exits 0      |
+//! | `PUT /vm/snapshot`  | save the paused VM to a directory        |
 //!
-//! A `PUT` body is optional; if present it must be a JSON object with no fields (room for options
-//! later), at most [`MAX_BODY`] bytes.
+//! `PUT /vm/snapshot` takes `{"destination": "/absolute/dir"}`. The other `PUT`s take no body or
+//! a JSON object with no fields. Bodies are at most [`MAX_BODY`] bytes.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -125,9 +126,27 @@ impl Drop for ApiServer {
     }
 }
 
+/// Which route a request names; its body then makes it an [`Action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Info,
+    Pause,
+    Resume,
+    Shutdown,
+    Snapshot,
+}
+
+/// The body of `PUT /vm/snapshot`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    destination: PathBuf,
+}
+
 /// Answers one request.
 fn serve(mut request: Request, vmm: &Mailbox<Call>) {
-    let reply = match route(request.method(), request.url()).and_then(|action| check_body(&mut request).map(|()| action)) {
+    let action = route(request.method(), request.url()).and_then(|r| read_body(&mut request).and_then(|body| action(r, &body)));
+    let reply = match action {
         Ok(action) => call(vmm, action),
         Err(refused) => Err(ApiError::new(refused.status(), &refused)),
     };
@@ -147,14 +166,15 @@ fn serve(mut request: Request, vmm: &Mailbox<Call>) {
     }
 }
 
-/// Which action a method and path ask for.
-fn route(method: &Method, url: &str) -> Result<Action, Refused> {
+/// Which route a method and path ask for.
+fn route(method: &Method, url: &str) -> Result<Route, Refused> {
     let path = url.split('?').next().unwrap_or(url);
     let (action, allowed) = match path.trim_end_matches('/') {
-        "/vm" => (Action::Info, Method::Get),
-        "/vm/pause" => (Action::Pause, Method::Put),
-        "/vm/resume" => (Action::Resume, Method::Put),
-        "/vm/shutdown" => (Action::Shutdown, Method::Put),
+        "/vm" => (Route::Info, Method::Get),
+        "/vm/pause" => (Route::Pause, Method::Put),
+        "/vm/resume" => (Route::Resume, Method::Put),
+        "/vm/shutdown" => (Route::Shutdown, Method::Put),
+        "/vm/snapshot" => (Route::Snapshot, Method::Put),
         _ => return Err(Refused::NotFound(path.to_string())),
     };
     if *method != allowed {
@@ -163,15 +183,39 @@ fn route(method: &Method, url: &str) -> Result<Action, Refused> {
     Ok(action)
 }
 
-/// The body, if any: at most `MAX_BODY` bytes of JSON, an object without fields.
-fn check_body(request: &mut Request) -> Result<(), Refused> {
+/// The body, at most `MAX_BODY` bytes.
+fn read_body(request: &mut Request) -> Result<Vec<u8>, Refused> {
     if request.body_length().is_some_and(|n| n > MAX_BODY) {
         return Err(Refused::TooLarge);
     }
     let mut body = Vec::new();
     // One byte more than allowed tells a body that is too long without reading all of it.
     request.as_reader().take(MAX_BODY as u64 + 1).read_to_end(&mut body).map_err(|e| Refused::Read(e.to_string()))?;
-    parse_body(&body)
+    Ok(body)
+}
+
+/// The action a route and its body ask for.
+fn action(route: Route, body: &[u8]) -> Result<Action, Refused> {
+    match route {
+        Route::Info => parse_body(body).map(|()| Action::Info),
+        Route::Pause => parse_body(body).map(|()| Action::Pause),
+        Route::Resume => parse_body(body).map(|()| Action::Resume),
+        Route::Shutdown => parse_body(body).map(|()| Action::Shutdown),
+        Route::Snapshot => parse_snapshot_body(body),
+    }
+}
+
+/// `{"destination": "/absolute/dir"}`: absolute, because the server's working directory is not
+/// the client's (`nvmm ctl` makes a relative one absolute before it asks).
+fn parse_snapshot_body(body: &[u8]) -> Result<Action, Refused> {
+    if body.len() > MAX_BODY {
+        return Err(Refused::TooLarge);
+    }
+    let b: SnapshotBody = serde_json::from_slice(body).map_err(|e| Refused::Json(format!("{e} (expected {{\"destination\": \"/absolute/dir\"}})")))?;
+    if !b.destination.is_absolute() {
+        return Err(Refused::Json(format!("destination {} is not an absolute path", b.destination.display())));
+    }
+    Ok(Action::Snapshot { destination: b.destination })
 }
 
 fn parse_body(body: &[u8]) -> Result<(), Refused> {
@@ -210,11 +254,13 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route(&Method::Get, "/vm"), Ok(Action::Info));
-        assert_eq!(route(&Method::Get, "/vm/?x=1"), Ok(Action::Info));
-        assert_eq!(route(&Method::Put, "/vm/pause"), Ok(Action::Pause));
-        assert_eq!(route(&Method::Put, "/vm/resume"), Ok(Action::Resume));
-        assert_eq!(route(&Method::Put, "/vm/shutdown"), Ok(Action::Shutdown));
+        assert_eq!(route(&Method::Get, "/vm"), Ok(Route::Info));
+        assert_eq!(route(&Method::Get, "/vm/?x=1"), Ok(Route::Info));
+        assert_eq!(route(&Method::Put, "/vm/pause"), Ok(Route::Pause));
+        assert_eq!(route(&Method::Put, "/vm/resume"), Ok(Route::Resume));
+        assert_eq!(route(&Method::Put, "/vm/shutdown"), Ok(Route::Shutdown));
+        assert_eq!(route(&Method::Put, "/vm/snapshot"), Ok(Route::Snapshot));
+        assert_eq!(route(&Method::Get, "/vm/snapshot").unwrap_err().status(), Status::MethodNotAllowed);
         assert_eq!(route(&Method::Get, "/vm/pause").unwrap_err().status(), Status::MethodNotAllowed);
         assert_eq!(route(&Method::Put, "/vm").unwrap_err().status(), Status::MethodNotAllowed);
         assert_eq!(route(&Method::Get, "/nope").unwrap_err().status(), Status::NotFound);
@@ -230,6 +276,16 @@ mod tests {
             assert_eq!(e.status(), Status::BadRequest, "{e}");
         }
         assert_eq!(parse_body(&vec![b' '; MAX_BODY + 1]), Err(Refused::TooLarge));
+    }
+
+    #[test]
+    fn snapshot_bodies() {
+        assert_eq!(action(Route::Snapshot, br#"{"destination": "/tmp/s"}"#), Ok(Action::Snapshot { destination: "/tmp/s".into() }));
+        for bad in [&b""[..], b"{}", br#"{"destination": "rel/dir"}"#, br#"{"destination": "/a", "x": 1}"#, br#"{"destination": 3}"#] {
+            let e = action(Route::Snapshot, bad).unwrap_err();
+            assert_eq!(e.status(), Status::BadRequest, "{e}");
+        }
+        assert_eq!(action(Route::Pause, b"{}"), Ok(Action::Pause));
     }
 
     #[test]

@@ -24,17 +24,23 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::persist::{self, SaveSpec, VcpuState};
 use super::stats::ExitCounter;
 use super::Error;
 
+/// A saved vCPU state, or why it could not be read.
+pub type SaveReply = Result<VcpuState, persist::Error>;
+
 /// What the VMM asks of a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuMessage {
     /// Leave `KVM_RUN` and wait, using no CPU, until `Resume` or `Finish`.
     Pause,
     Resume,
     /// End the thread.
     Finish,
+    /// Read the vCPU's state (only while paused) and send it on the channel given.
+    Save(Arc<SaveSpec>, Sender<SaveReply>),
 }
 
 /// What a vCPU thread answers to a message.
@@ -114,6 +120,17 @@ impl VcpuHandle {
             RecvTimeoutError::Timeout => Error::NoAnswer(self.id, timeout),
             RecvTimeoutError::Disconnected => Error::Gone(self.id),
         })
+    }
+
+    /// Reads the state of this vCPU, which must be paused, on its own thread.
+    pub fn save(&mut self, spec: Arc<SaveSpec>, timeout: Duration) -> Result<VcpuState, Error> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(VcpuMessage::Save(spec, reply))?;
+        match answer.recv_timeout(timeout) {
+            Ok(state) => Ok(state?),
+            Err(RecvTimeoutError::Timeout) => Err(Error::NoAnswer(self.id, timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Gone(self.id)),
+        }
     }
 
     fn send(&mut self, message: VcpuMessage) -> Result<(), Error> {

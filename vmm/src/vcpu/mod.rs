@@ -3,6 +3,7 @@
 
 pub mod exit;
 mod handle;
+pub mod persist;
 pub mod regs;
 mod runner;
 pub mod stats;
@@ -16,7 +17,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{handle_exit, Action, IoBuses, VmExit};
-pub use handle::{ExitSource, VcpuHandle, VcpuMessage, VcpuReport};
+pub use handle::{ExitSource, SaveReply, VcpuHandle, VcpuMessage, VcpuReport};
 use runner::Runner;
 use stats::ExitCounter;
 
@@ -44,6 +45,8 @@ pub enum Error {
     NoAnswer(u8, Duration),
     #[error("the thread of vCPU {0} has ended")]
     Gone(u8),
+    #[error(transparent)]
+    State(#[from] persist::Error),
 }
 
 /// How the VM ends: the first vCPU or device to stop records why and wakes the main loop.
@@ -103,8 +106,8 @@ impl Vcpu {
         regs::setup_sregs(&self.fd, entry, gdt).map_err(r)
     }
 
-    /// Starts the vCPU's thread, running, and returns the VMM's handle on it.
-    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, exit: Arc<ExitSignal>) -> Result<VcpuHandle, Error> {
+    /// Starts the vCPU's thread, running or paused, and returns the VMM's handle on it.
+    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, exit: Arc<ExitSignal>, paused: bool) -> Result<VcpuHandle, Error> {
         let id = self.id;
         handle::install_kick_handler()?;
         let kick = handle::kick_fd(vm, &self.fd, id)?;
@@ -113,7 +116,7 @@ impl Vcpu {
         let own_exits = Arc::new(AtomicU64::new(0));
         let (messages, inbox) = mpsc::channel();
         let (outbox, reports) = mpsc::channel();
-        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, exits: own_exits.clone() };
+        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, exits: own_exits.clone(), start_paused: paused };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -169,7 +172,7 @@ mod tests {
         vcpu.fd.set_regs(&regs).unwrap();
 
         let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), exit.clone()).unwrap();
+        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), exit.clone(), false).unwrap();
         wait_for_exits_above(&h, 10);
         assert_eq!(h.request(VcpuMessage::Pause, T).unwrap(), VcpuReport::Paused);
         let paused_at = h.exits().0;

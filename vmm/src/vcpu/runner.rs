@@ -25,7 +25,8 @@ use std::sync::Arc;
 use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
 use kvm_ioctls::VcpuFd;
 
-use super::handle::{VcpuMessage, VcpuReport};
+use super::handle::{SaveReply, VcpuMessage, VcpuReport};
+use super::persist;
 use super::{handle_exit, Action, ExitSignal, IoBuses, VmExit};
 
 /// Where the thread's state machine stands.
@@ -46,12 +47,14 @@ pub(super) struct Runner {
     pub exit: Arc<ExitSignal>,
     /// Every `KVM_RUN` that returned an exit to userspace.
     pub exits: Arc<AtomicU64>,
+    /// Start paused (a VM restored with `--paused`): no `KVM_RUN` until the first `Resume`.
+    pub start_paused: bool,
 }
 
 impl Runner {
     /// The thread's body: starts running and returns when told to finish.
     pub fn run(mut self) {
-        let mut state = State::Running;
+        let mut state = if self.start_paused { State::Paused } else { State::Running };
         loop {
             state = match state {
                 State::Running => self.running(),
@@ -85,6 +88,7 @@ impl Runner {
                             return State::Paused;
                         }
                         Ok(VcpuMessage::Resume) => self.report(VcpuReport::Resumed),
+                        Ok(VcpuMessage::Save(_, reply)) => refuse_save(self.id, &reply),
                         Ok(VcpuMessage::Finish) | Err(TryRecvError::Disconnected) => return State::Finished,
                         Err(TryRecvError::Empty) => {}
                     }
@@ -109,6 +113,11 @@ impl Runner {
                 self.report(VcpuReport::Paused);
                 State::Paused
             }
+            Ok(VcpuMessage::Save(spec, reply)) => {
+                // Nothing is pending here (see the module documentation): the state is whole.
+                let _ = reply.send(persist::save(self.id, &self.fd, &spec));
+                State::Paused
+            }
             Ok(VcpuMessage::Finish) | Err(_) => State::Finished,
         }
     }
@@ -124,6 +133,7 @@ impl Runner {
         loop {
             match self.messages.recv() {
                 Ok(VcpuMessage::Finish) | Err(_) => return State::Finished,
+                Ok(VcpuMessage::Save(_, reply)) => refuse_save(self.id, &reply),
                 Ok(_) => self.report(VcpuReport::Stopped),
             }
         }
@@ -133,6 +143,11 @@ impl Runner {
         // The VMM gone means the process is ending; there is no one left to tell.
         let _ = self.reports.send(report);
     }
+}
+
+/// A running or stopped vCPU's registers are not a state to restore; the VMM asks only paused ones.
+fn refuse_save(id: u8, reply: &std::sync::mpsc::Sender<SaveReply>) {
+    let _ = reply.send(Err(persist::Error::NotPaused(id)));
 }
 
 /// A shutdown is how Linux's `reboot=t` resets, and also what a guest crash looks like: where the

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::disk::Disk;
 use super::request::process_request;
 use super::{BlockError, MAX_DISCARD_SEGMENTS, MAX_ZEROES_SECTORS, QUEUE_SIZE, SEG_MAX};
-use crate::virtio::{drain_queue, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{drain_queue, ActivateError, DeviceState, Interrupt, QueueSnapshot, VirtioDevice, COMMON_FEATURES};
 
 /// How the VMM describes a disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +204,11 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    /// Requests are completed before the loop parks, so the queue's indexes are all there is.
+    fn save_state(&self) -> DeviceState {
+        DeviceState { queues: self.active.as_ref().map(|a| vec![QueueSnapshot::of(&a.queue)]), held_frame: None }
     }
 }
 

@@ -20,7 +20,7 @@ use super::rx::{Delivery, RxBuffers, TapRead};
 use super::tap::Tap;
 use super::{tx, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::{
-    keep_going, mute, needs_interrupt, unmute, ActivateError, Interrupt, VirtioDevice,
+    keep_going, mute, needs_interrupt, unmute, ActivateError, DeviceState, Interrupt, PersistError, QueueSnapshot, VirtioDevice,
     COMMON_FEATURES,
 };
 
@@ -301,6 +301,31 @@ impl VirtioDevice for Net {
                 crate::error_limited!("virtio-net: cannot kick queue {i}: {e}");
             }
         }
+        Ok(())
+    }
+
+    /// RX buffers taken from the ring but not filled are given back by rewinding `next_avail`
+    /// over them: they are the last chains taken, in ring order, and the driver cannot reuse
+    /// their avail-ring slots before they are used, so the restored device takes them again.
+    /// (A malformed chain completed at once between two held ones would be taken twice; Linux
+    /// never posts one.) A frame waiting for room travels as it is.
+    fn save_state(&self) -> DeviceState {
+        let queues = self.active.as_ref().map(|a| {
+            let mut rx = QueueSnapshot::of(&a.rx);
+            let held = u16::try_from(self.rx_buffers.len()).unwrap_or(u16::MAX);
+            rx.next_avail = rx.next_avail.wrapping_sub(held);
+            vec![rx, QueueSnapshot::of(&a.tx)]
+        });
+        let held_frame = self.rx_pending.map(|len| self.rx_frame[..len].to_vec());
+        DeviceState { queues, held_frame }
+    }
+
+    fn load_held_frame(&mut self, frame: Vec<u8>) -> Result<(), PersistError> {
+        if frame.len() > self.rx_frame.len() {
+            return Err(PersistError::FrameTooLarge { device: VIRTIO_ID_NET, len: frame.len(), max: self.rx_frame.len() });
+        }
+        self.rx_frame[..frame.len()].copy_from_slice(&frame);
+        self.rx_pending = Some(frame.len());
         Ok(())
     }
 
