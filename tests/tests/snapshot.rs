@@ -312,7 +312,6 @@ fn bad_snapshots_are_one_line_each() {
     std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(2 << 20).unwrap();
     check(&changed, &format!("disk {} has changed since the snapshot: 2097152 bytes, the snapshot says 1048576", disk.display()));
 
-    // Restore flags a snapshot records itself are refused by the command line.
-    let (code, _, err) = run_nvmm(&[], &["--restore", snap.to_str().unwrap(), "--mem", "1G"]);
-    assert_eq!(code, Some(2), "{err}");
+    // Restore flags a snapshot records itself are refused by the command line, in one line.
+    assert_one_line_error(&[], &["--restore", snap.to_str().unwrap(), "--mem", "1G"], "'--restore <DIR>' cannot be used with '--mem <SIZE>'");
 }
