@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod guest;
+pub mod net;
+pub mod running;
 pub mod tiny;
 
 /// The workspace root (the parent of this crate's directory).

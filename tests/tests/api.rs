@@ -3,117 +3,26 @@
 //! next count, wrong states get 409 and bad requests 400 with nvmm still answering, and shutdown
 //! ends nvmm with status 0 and no socket left behind.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nvmm_tests::{assert_one_line_error, nvmm_bin, run_nvmm, scratch_dir, tiny};
+use nvmm_tests::running::{Nvmm, WAIT};
+use nvmm_tests::{assert_one_line_error, run_nvmm, scratch_dir, tiny};
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// nvmm running the counting guest with an API socket; its console lines are collected as they
-/// come. Killed on drop if a test fails halfway.
-struct Counting {
-    child: Child,
-    socket: PathBuf,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Counting {
-    fn start(name: &str) -> Counting {
-        Self::start_with(name, &[])
-    }
-
-    /// With more nvmm arguments; `{dir}` in them stands for the test's scratch directory.
-    fn start_with(name: &str, extra: &[&str]) -> Counting {
-        let dir = scratch_dir(name);
-        let elf = dir.join("counter.elf");
-        tiny::write_counter_elf(&elf);
-        let socket = dir.join("api.sock");
-        let _ = std::fs::remove_file(&socket);
-        let extra: Vec<String> = extra.iter().map(|a| a.replace("{dir}", dir.to_str().unwrap())).collect();
-        let mut child = Command::new(nvmm_bin())
-            .args(["--kernel", elf.to_str().unwrap(), "--api-socket", socket.to_str().unwrap()])
-            .args(&extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start nvmm");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let run = Counting { child, socket, lines };
-        run.wait_for_lines(3);
-        assert!(run.socket.exists(), "no socket at {}", run.socket.display());
-        run
-    }
-
-    fn count(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-
-    fn wait_for_lines(&self, n: usize) {
-        let t = Instant::now();
-        while self.count() < n {
-            assert!(t.elapsed() < WAIT, "the guest printed {} lines, waited for {n}", self.count());
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `nvmm ctl SOCKET command`: status, stdout, stderr.
-    fn ctl(&self, command: &str) -> (Option<i32>, String, String) {
-        run_nvmm(&[], &["ctl", self.socket.to_str().unwrap(), command])
-    }
-
-    /// `nvmm ctl` that must succeed; its JSON answer.
-    fn ctl_ok(&self, command: &str) -> serde_json::Value {
-        let (code, out, err) = self.ctl(command);
-        assert_eq!(code, Some(0), "ctl {command}: {err}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {command} printed {out:?}: {e}"))
-    }
-
-    /// utime + stime of the thread named `vcpu0`, in clock ticks.
-    fn vcpu0_cpu_ticks(&self) -> u64 {
-        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
-        for task in std::fs::read_dir(&tasks).unwrap() {
-            let dir = task.unwrap().path();
-            if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() == "vcpu0" {
-                let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-                // Fields after the ")" that closes the name: state is field 3, utime 14, stime 15.
-                let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-                return rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
-            }
-        }
-        panic!("no vcpu0 thread in {}", tasks.display());
-    }
-
-    fn wait_for_exit(mut self) -> Option<i32> {
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(t.elapsed() < WAIT, "nvmm did not exit");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Counting {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// nvmm running the counting guest in the scratch directory `name`, with the API socket
+/// `api.sock` there and more nvmm arguments `extra` (`{dir}` in them stands for that directory).
+/// Returns once the guest has printed 3 lines.
+fn start(name: &str, extra: &[&str]) -> Nvmm {
+    let dir = scratch_dir(name);
+    let extra: Vec<String> = extra.iter().map(|a| a.replace("{dir}", dir.to_str().unwrap())).collect();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let vm = Nvmm::boot_counter(&dir, "api", &extra);
+    vm.wait_for_lines(3);
+    assert!(vm.socket().exists(), "no socket at {}", vm.socket().display());
+    vm
 }
 
 /// Every line is the next count: nothing skipped, nothing repeated, no second start.
@@ -125,47 +34,47 @@ fn assert_consecutive(lines: &[String]) {
 
 #[test]
 fn pause_stops_the_guest_and_its_vcpu_and_resume_carries_on() {
-    let vm = Counting::start("api-pause");
-    let info = vm.ctl_ok("info");
+    let vm = start("api-pause", &[]);
+    let info = vm.ctl_ok(&["info"]);
     assert_eq!(info["state"], "running", "{info}");
     assert_eq!(info["cpus"], 1);
     assert_eq!(info["memory_bytes"], 256u64 << 20);
     assert_eq!(info["nested"], false);
     assert!(info["vcpus"][0]["exits"].as_u64().unwrap() > 0, "{info}");
 
-    let running_from = vm.vcpu0_cpu_ticks();
+    let running_from = vm.thread_cpu_ticks("vcpu0");
     thread::sleep(Duration::from_secs(1));
-    let running_ticks = vm.vcpu0_cpu_ticks() - running_from;
+    let running_ticks = vm.thread_cpu_ticks("vcpu0") - running_from;
 
-    assert_eq!(vm.ctl_ok("pause"), serde_json::json!({ "state": "paused" }));
+    assert_eq!(vm.ctl_ok(&["pause"]), serde_json::json!({ "state": "paused" }));
     // A line the guest wrote just before may still be in the pipe.
     thread::sleep(Duration::from_millis(200));
-    let (lines, ticks) = (vm.count(), vm.vcpu0_cpu_ticks());
-    let exits = vm.ctl_ok("info")["vcpus"][0]["exits"].as_u64().unwrap();
+    let (lines, ticks) = (vm.count(), vm.thread_cpu_ticks("vcpu0"));
+    let exits = vm.ctl_ok(&["info"])["vcpus"][0]["exits"].as_u64().unwrap();
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(vm.count(), lines, "the guest printed while paused");
-    let paused_ticks = vm.vcpu0_cpu_ticks() - ticks;
+    let paused_ticks = vm.thread_cpu_ticks("vcpu0") - ticks;
     eprintln!("vcpu0: {running_ticks} ticks in 1 s running, {paused_ticks} in 1.5 s paused");
     assert!(paused_ticks <= 1, "vcpu0 used {paused_ticks} ticks paused (running: {running_ticks} in 1 s)");
     assert!(running_ticks > paused_ticks, "vcpu0 used no CPU running either: the measure means nothing");
-    let info = vm.ctl_ok("info");
+    let info = vm.ctl_ok(&["info"]);
     assert_eq!(info["state"], "paused");
     assert_eq!(info["vcpus"][0]["exits"].as_u64().unwrap(), exits, "exits counted while paused");
 
-    let (code, _, err) = vm.ctl("pause");
+    let (code, _, err) = vm.ctl(&["pause"]);
     assert_eq!(code, Some(1));
     assert_eq!(err.trim_end(), "nvmm: error: 409: the VM is already paused");
 
-    assert_eq!(vm.ctl_ok("resume"), serde_json::json!({ "state": "running" }));
+    assert_eq!(vm.ctl_ok(&["resume"]), serde_json::json!({ "state": "running" }));
     vm.wait_for_lines(lines + 5);
-    assert_consecutive(&vm.lines.lock().unwrap());
-    assert_eq!(vm.ctl_ok("info")["state"], "running");
-    let (code, _, err) = vm.ctl("resume");
+    assert_consecutive(&vm.lines());
+    assert_eq!(vm.ctl_ok(&["info"])["state"], "running");
+    let (code, _, err) = vm.ctl(&["resume"]);
     assert_eq!(code, Some(1));
     assert_eq!(err.trim_end(), "nvmm: error: 409: the VM is not paused");
 
-    assert_eq!(vm.ctl_ok("shutdown"), serde_json::json!({ "state": "shut down", "disks_flushed": 0 }));
-    let socket = vm.socket.clone();
+    assert_eq!(vm.ctl_ok(&["shutdown"]), serde_json::json!({ "state": "shut down", "disks_flushed": 0 }));
+    let socket = vm.socket().to_path_buf();
     assert_eq!(vm.wait_for_exit(), Some(0));
     assert!(!socket.exists(), "socket left behind");
 }
@@ -176,21 +85,21 @@ fn pause_stops_the_guest_and_its_vcpu_and_resume_carries_on() {
 fn two_vcpus_and_a_disk_pause_resume_and_shut_down() {
     let disk = scratch_dir("api-two").join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-    let vm = Counting::start_with("api-two", &["--cpus", "2", "--disk", "path={dir}/disk.img"]);
-    let info = vm.ctl_ok("info");
+    let vm = start("api-two", &["--cpus", "2", "--disk", "path={dir}/disk.img"]);
+    let info = vm.ctl_ok(&["info"]);
     assert_eq!(info["cpus"], 2);
     assert_eq!(info["vcpus"].as_array().unwrap().len(), 2, "{info}");
-    assert_eq!(vm.ctl_ok("pause")["state"], "paused");
+    assert_eq!(vm.ctl_ok(&["pause"])["state"], "paused");
     thread::sleep(Duration::from_millis(200));
     let lines = vm.count();
     thread::sleep(Duration::from_millis(500));
     assert_eq!(vm.count(), lines, "the guest printed while paused");
-    assert_eq!(vm.ctl_ok("info")["state"], "paused");
-    assert_eq!(vm.ctl_ok("resume")["state"], "running");
+    assert_eq!(vm.ctl_ok(&["info"])["state"], "paused");
+    assert_eq!(vm.ctl_ok(&["resume"])["state"], "running");
     vm.wait_for_lines(lines + 5);
-    assert_consecutive(&vm.lines.lock().unwrap());
+    assert_consecutive(&vm.lines());
     // Shutdown from a running VM pauses it first.
-    assert_eq!(vm.ctl_ok("shutdown"), serde_json::json!({ "state": "shut down", "disks_flushed": 1 }));
+    assert_eq!(vm.ctl_ok(&["shutdown"]), serde_json::json!({ "state": "shut down", "disks_flushed": 1 }));
     assert_eq!(vm.wait_for_exit(), Some(0));
 }
 
@@ -218,8 +127,8 @@ fn error_of(body: &str) -> String {
 
 #[test]
 fn bad_requests_are_refused_and_nvmm_keeps_answering() {
-    let vm = Counting::start("api-bad");
-    let s = &vm.socket;
+    let vm = start("api-bad", &[]);
+    let s = vm.socket();
     let (code, body) = http(s, "PUT", "/vm/pause", b"{not json");
     assert_eq!(code, 400, "{body}");
     assert!(error_of(&body).starts_with("malformed JSON body"), "{body}");

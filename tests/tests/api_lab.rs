@@ -4,7 +4,7 @@
 //! writing to its disk without a break: once pause has answered, the image does not change.
 
 use nvmm_tests::guest::{run_cmdline, GuestImage};
-use nvmm_tests::{guest_dir, nvmm_bin, Lab};
+use nvmm_tests::{guest_dir, nvmm_bin, Lab, LabRun};
 
 const COUNTER: &str = r#"
 i=1
@@ -57,10 +57,13 @@ echo "L1-NVMM-STATUS=$?"
 exit 0
 "#;
 
-#[test]
-fn a_paused_linux_guest_prints_nothing_and_resumes_where_it_stopped() {
-    let image = GuestImage::new(COUNTER).build("api-pause");
-    let script = format!("CMDLINE='{}'\n{HELPERS}\n{L1}", run_cmdline(""));
+/// Runs the L1 script `l1` (after [`HELPERS`]) in the lab, with nvmm, the guest kernel, and an L2
+/// image named `name` that runs `l2`. Asserts that the script exits 0 and that L2's count was the
+/// same at both ends of the pause (`L1-PAUSED-COUNTS=a b`), else that L2 `did` something while
+/// paused. Returns the run and that count.
+fn run_with_a_pause(name: &str, l2: &str, l1: &str, did: &str) -> (LabRun, String) {
+    let image = GuestImage::new(l2).build(name);
+    let script = format!("CMDLINE='{}'\n{HELPERS}\n{l1}", run_cmdline(""));
     let run = Lab::new()
         .file(nvmm_bin(), "/lab/nvmm")
         .file(guest_dir().join("bzImage"), "/lab/bzImage")
@@ -69,7 +72,13 @@ fn a_paused_linux_guest_prints_nothing_and_resumes_where_it_stopped() {
     run.assert_status(0);
     let paused = run.value("L1-PAUSED-COUNTS");
     let (a, b) = paused.split_once(' ').expect("two counts");
-    assert_eq!(a, b, "L2 printed while paused");
+    assert_eq!(a, b, "L2 {did} while paused");
+    (run, b.to_string())
+}
+
+#[test]
+fn a_paused_linux_guest_prints_nothing_and_resumes_where_it_stopped() {
+    let (run, b) = run_with_a_pause("api-pause", COUNTER, L1, "printed");
     let ticks: u64 = run.value("L1-PAUSED-TICKS").parse().expect("ticks");
     assert!(ticks <= 1, "vcpu0 used {ticks} ticks in 2 s paused");
     assert!(run.value("L1-RESUMED-COUNTS").parse::<u64>().unwrap() >= b.parse::<u64>().unwrap() + 10);
@@ -115,17 +124,7 @@ exit 0
 
 #[test]
 fn a_paused_guest_writing_to_its_disk_leaves_the_image_alone() {
-    let image = GuestImage::new(WRITER).build("api-pause-disk");
-    let script = format!("CMDLINE='{}'\n{HELPERS}\n{L1_DISK}", run_cmdline(""));
-    let run = Lab::new()
-        .file(nvmm_bin(), "/lab/nvmm")
-        .file(guest_dir().join("bzImage"), "/lab/bzImage")
-        .file(image, "/lab/l2.cpio")
-        .run(&script);
-    run.assert_status(0);
-    let paused = run.value("L1-PAUSED-COUNTS");
-    let (a, b) = paused.split_once(' ').expect("two counts");
-    assert_eq!(a, b, "L2 wrote while paused");
+    let (run, _) = run_with_a_pause("api-pause-disk", WRITER, L1_DISK, "wrote");
     run.assert_marker("L1-DISK-UNCHANGED");
     run.assert_marker("L1-DISK-WRITTEN-AGAIN");
     run.assert_marker("L1-NVMM-STATUS=0");

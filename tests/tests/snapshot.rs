@@ -5,133 +5,26 @@
 //! that changed, a destination that cannot be written, a VM that is running) is one line and
 //! loses nothing.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nvmm_tests::{assert_one_line_error, nvmm_bin, run_nvmm, scratch_dir, tiny};
+use nvmm_tests::running::Nvmm;
+use nvmm_tests::{assert_one_line_error, run_nvmm, scratch_dir};
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// An nvmm process with an API socket, its console lines collected as they come. Killed on drop.
-struct Nvmm {
-    child: Child,
-    socket: PathBuf,
-    lines: Arc<Mutex<Vec<String>>>,
+/// The counting guest booted fresh in `dir`, with `extra` arguments and the socket `boot.sock`.
+fn boot(dir: &Path, extra: &[&str]) -> Nvmm {
+    Nvmm::boot_counter(dir, "boot", extra)
 }
 
-impl Nvmm {
-    /// The counting guest booted fresh in `dir`, with `extra` arguments.
-    fn boot(dir: &Path, extra: &[&str]) -> Nvmm {
-        let elf = dir.join("counter.elf");
-        tiny::write_counter_elf(&elf);
-        let mut args = vec!["--kernel".to_string(), elf.display().to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(dir, "boot", &args)
-    }
-
-    /// A new nvmm restoring `snapshot`.
-    fn restore(dir: &Path, name: &str, snapshot: &Path, extra: &[&str]) -> Nvmm {
-        let mut args = vec!["--restore".to_string(), snapshot.display().to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(dir, name, &args)
-    }
-
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Nvmm {
-        let socket = dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let mut child = Command::new(nvmm_bin())
-            .args(args)
-            .args(["--api-socket", socket.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start nvmm");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut vm = Nvmm { child, socket, lines };
-        let t = Instant::now();
-        while !vm.socket.exists() {
-            if let Some(status) = vm.child.try_wait().unwrap() {
-                panic!("nvmm {args:?} exited with {status} before serving its socket");
-            }
-            assert!(t.elapsed() < WAIT, "no socket at {}", vm.socket.display());
-            thread::sleep(Duration::from_millis(10));
-        }
-        vm
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    fn wait_for_lines(&self, n: usize) {
-        let t = Instant::now();
-        while self.lines.lock().unwrap().len() < n {
-            assert!(t.elapsed() < WAIT, "the guest printed {:?}, waited for {n} lines", self.lines());
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let mut all = vec!["ctl", self.socket.to_str().unwrap()];
-        all.extend_from_slice(args);
-        run_nvmm(&[], &all)
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> serde_json::Value {
-        let (code, out, err) = self.ctl(args);
-        assert_eq!(code, Some(0), "ctl {args:?}: {err}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?} printed {out:?}: {e}"))
-    }
-
-    /// Pauses, lets a line already in the pipe arrive, and returns the last count printed.
-    fn pause(&self) -> u64 {
-        assert_eq!(self.ctl_ok(&["pause"])["state"], "paused");
-        thread::sleep(Duration::from_millis(200));
-        let lines = self.lines();
-        count_of(lines.last().expect("no line before the pause"))
-    }
-
-    fn snapshot(&self, dest: &Path) -> serde_json::Value {
-        self.ctl_ok(&["snapshot", dest.to_str().unwrap()])
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn shutdown(mut self) {
-        assert_eq!(self.ctl_ok(&["shutdown"])["state"], "shut down");
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert_eq!(status.code(), Some(0));
-                return;
-            }
-            assert!(t.elapsed() < WAIT, "nvmm did not exit");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Nvmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Pauses, lets a line already in the pipe arrive, and returns the last count printed.
+fn pause(vm: &Nvmm) -> u64 {
+    assert_eq!(vm.ctl_ok(&["pause"])["state"], "paused");
+    thread::sleep(Duration::from_millis(200));
+    let lines = vm.lines();
+    count_of(lines.last().expect("no line before the pause"))
 }
 
 fn count_of(line: &str) -> u64 {
@@ -147,9 +40,9 @@ fn assert_counts_from(lines: &[String], first: u64) {
 
 /// A counting guest paused at some count, saved into `dir/snap`, and killed with SIGKILL.
 fn saved_counter(dir: &Path, extra: &[&str]) -> (PathBuf, u64) {
-    let vm = Nvmm::boot(dir, extra);
+    let vm = boot(dir, extra);
     vm.wait_for_lines(5);
-    let last = vm.pause();
+    let last = pause(&vm);
     let snap = dir.join("snap");
     let answer = vm.snapshot(&snap);
     assert_eq!(answer["state"], "paused", "{answer}");
@@ -162,7 +55,7 @@ fn saved_counter(dir: &Path, extra: &[&str]) -> (PathBuf, u64) {
 #[test]
 fn snapshot_kill_restore_and_the_count_goes_on() {
     let dir = scratch_dir("snap-restore");
-    let vm = Nvmm::boot(&dir, &[]);
+    let vm = boot(&dir, &[]);
     vm.wait_for_lines(5);
     // Running: refused, and nothing written.
     let (code, _, err) = vm.ctl(&["snapshot", dir.join("early").to_str().unwrap()]);
@@ -170,7 +63,7 @@ fn snapshot_kill_restore_and_the_count_goes_on() {
     assert_eq!(err.trim_end(), "nvmm: error: 409: a snapshot needs a paused VM: pause it first");
     assert!(!dir.join("early").exists());
 
-    let last = vm.pause();
+    let last = pause(&vm);
     let snap = dir.join("snap");
     let answer = vm.snapshot(&snap);
     assert_eq!(answer["state"], "paused", "{answer}");
@@ -202,7 +95,7 @@ fn one_snapshot_restored_twice_continues_the_same_way() {
     for name in ["first", "second"] {
         let vm = Nvmm::restore(&dir, name, &snap, &[]);
         vm.wait_for_lines(8);
-        vm.pause();
+        pause(&vm);
         let lines: Vec<String> = vm.lines()[..8].to_vec();
         assert_counts_from(&lines, last + 1);
         runs.push(lines);
@@ -236,9 +129,9 @@ fn restored_paused_waits_for_resume() {
 #[test]
 fn a_snapshot_into_an_unwritable_place_leaves_the_vm_paused_and_resumable() {
     let dir = scratch_dir("snap-unwritable");
-    let vm = Nvmm::boot(&dir, &[]);
+    let vm = boot(&dir, &[]);
     vm.wait_for_lines(3);
-    let last = vm.pause();
+    let last = pause(&vm);
     // Under a regular file: no one, root included, can create a directory there.
     let file = dir.join("a-file");
     std::fs::write(&file, b"x").unwrap();

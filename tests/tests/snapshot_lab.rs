@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use nvmm_tests::guest::{run_cmdline, GuestImage};
+use nvmm_tests::net::{IP2_BIN, L1_NETNS_TAP};
 use nvmm_tests::{guest_dir, nvmm_bin, scratch_dir, Lab};
 
 /// Shell functions for L1: `counts` counts lines with `$mark` in nvmm's output; every wait is
@@ -205,17 +206,9 @@ fn l2_saved_and_restored_three_times_while_its_l3_runs_and_l3_finishes() {
     run.assert_marker("L1-NVMM-STATUS=0");
 }
 
-/// L1's network: a namespace of its own with a persistent TAP and 10.77.0.1/24, and two one-shot
-/// TCP servers, each sending 1 MiB of random bytes. iproute2's ip travels as /usr/local/sbin/ip2.
+/// L1, after [`L1_NETNS_TAP`] (a namespace of its own with a persistent TAP and 10.77.0.1/24): two
+/// one-shot TCP servers, each sending 1 MiB of random bytes, and nvmm in the namespace.
 const L1_NET: &str = r#"
-IP=/usr/local/sbin/ip2
-NS=nvmmnet
-mkdir -p /var/run/netns /run/netns
-$IP netns add $NS || { echo L1-NETNS-FAILED; exit 1; }
-$IP -n $NS link set lo up
-$IP -n $NS tuntap add dev nvtap0 mode tap || { echo L1-TUNTAP-FAILED; exit 1; }
-$IP -n $NS addr add 10.77.0.1/24 dev nvtap0
-$IP -n $NS link set nvtap0 up
 for p in 5001 5002; do
     dd if=/dev/urandom of=/tmp/$p.bin bs=64k count=16 2>/dev/null
     echo "L1-SHA-$p=$(sha256sum /tmp/$p.bin | cut -d' ' -f1)"
@@ -256,12 +249,12 @@ echo L2-DONE
 #[test]
 fn tcp_over_virtio_net_works_again_after_a_restore() {
     let l2 = GuestImage::new(L2_NET).build("snap-lab-net");
-    let script = format!("CMDLINE='{}'\n{HELPERS}\n{L1_NET}", run_cmdline(""));
+    let script = format!("CMDLINE='{}'\n{HELPERS}\n{L1_NETNS_TAP}{L1_NET}", run_cmdline(""));
     let run = Lab::new()
         .timeout(900)
         // One L1 vCPU, as the virtio-net lab test explains (multi-threaded TCG resets L2 now and then).
         .cpus(1)
-        .bin("/sbin/ip:/usr/local/sbin/ip2")
+        .bin(IP2_BIN)
         .file(nvmm_bin(), "/lab/nvmm")
         .file(guest_dir().join("bzImage"), "/lab/bzImage")
         .file(l2, "/lab/l2.cpio")

@@ -5,6 +5,7 @@
 //! (the lab itself has no network either).
 
 use nvmm_tests::guest::{run_cmdline, GuestImage};
+use nvmm_tests::net::{IP2_BIN, L1_NETNS_TAP};
 use nvmm_tests::{guest_dir, nvmm_bin, Lab, LabRun};
 
 /// 64 MiB, in each direction.
@@ -13,17 +14,9 @@ const GUEST_MAC: &str = "52:54:00:12:34:56";
 /// SHA-256 of nothing: what a side that received nothing would print.
 const EMPTY_SHA: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-/// L1: namespace, TAP, address, the two one-shot nc servers, then nvmm inside the namespace.
-/// iproute2's ip travels as /usr/local/sbin/ip2 (busybox's ip has no netns or tuntap).
+/// L1, after [`L1_NETNS_TAP`] (namespace, TAP, address): what the namespace holds, the two
+/// one-shot nc servers, then nvmm inside the namespace.
 const L1_SCRIPT: &str = r#"
-IP=/usr/local/sbin/ip2
-NS=nvmmnet
-mkdir -p /var/run/netns /run/netns
-$IP netns add $NS || { echo L1-NETNS-FAILED; exit 1; }
-$IP -n $NS link set lo up
-$IP -n $NS tuntap add dev nvtap0 mode tap || { echo L1-TUNTAP-FAILED; exit 1; }
-$IP -n $NS addr add 10.77.0.1/24 dev nvtap0
-$IP -n $NS link set nvtap0 up
 echo "L1-NS-ADDRS=$($IP -n $NS -4 -o addr show | awk '{ print $4 }' | tr '\n' ' ')"
 echo "L1-NS-ROUTES=$($IP -n $NS -4 route show | tr '\n' ';')"
 
@@ -102,7 +95,7 @@ fn assert_sha(run: &LabRun, sent: &str, received: &str) {
 #[test]
 fn tcp_64_mib_each_way_in_a_private_namespace() {
     let l2 = GuestImage::new(L2_SCRIPT).build("virtio-net-tcp");
-    let script = L1_SCRIPT
+    let script = format!("{L1_NETNS_TAP}{L1_SCRIPT}")
         .replace("MAC", GUEST_MAC)
         .replace("CMDLINE", &run_cmdline(""));
     let run = Lab::new()
@@ -112,7 +105,7 @@ fn tcp_64_mib_each_way_in_a_private_namespace() {
         // no process in L1 (nvmm included) can cause. With one L1 vCPU, or two on single-threaded
         // TCG, 13 runs out of 13 passed. nvmm's vCPU and event threads still run concurrently.
         .cpus(1)
-        .bin("/sbin/ip:/usr/local/sbin/ip2")
+        .bin(IP2_BIN)
         .file(nvmm_bin(), "/lab/nvmm")
         .file(guest_dir().join("bzImage"), "/lab/bzImage")
         .file(l2, "/lab/l2.cpio")
