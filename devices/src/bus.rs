@@ -23,6 +23,8 @@ pub enum BusError {
 
 struct Range {
     len: u64,
+    /// The entry's index in [`Bus::names`], which profiles count accesses by.
+    slot: usize,
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
@@ -30,18 +32,34 @@ struct Range {
 #[derive(Default)]
 pub struct Bus {
     ranges: BTreeMap<u64, Range>,
+    /// One name per entry, in insertion order.
+    names: Vec<String>,
 }
+
+/// The name of an entry inserted without one.
+pub const UNNAMED: &str = "device";
 
 impl Bus {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Places `device` at `[base, base + len)`.
+    /// Places `device` at `[base, base + len)`, named [`UNNAMED`].
     pub fn insert(
         &mut self,
         base: u64,
         len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        self.insert_named(base, len, UNNAMED, device)
+    }
+
+    /// Places `device` at `[base, base + len)` under `name` (what exit profiles call it).
+    pub fn insert_named(
+        &mut self,
+        base: u64,
+        len: u64,
+        name: &str,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), BusError> {
         if len == 0 {
@@ -56,35 +74,44 @@ impl Bus {
                 return Err(BusError::Overlap { base, len });
             }
         }
-        self.ranges.insert(base, Range { len, device });
+        let slot = self.names.len();
+        self.names.push(name.to_string());
+        self.ranges.insert(base, Range { len, slot, device });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
+    /// The entries' names, indexed by the slot [`Bus::read_slot`] and [`Bus::write_slot`] return.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, &Range)> {
         let (&base, range) = self.ranges.range(..=addr).next_back()?;
-        (addr - base < range.len).then_some((addr - base, &range.device))
+        (addr - base < range.len).then_some((addr - base, range))
     }
 
     /// Dispatches a read; returns false when no device covers `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr) {
-            Some((offset, dev)) => {
-                lock(dev).read(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.read_slot(addr, data).is_some()
     }
 
     /// Dispatches a write; returns false when no device covers `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr) {
-            Some((offset, dev)) => {
-                lock(dev).write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.write_slot(addr, data).is_some()
+    }
+
+    /// Dispatches a read; returns the slot of the device that took it, `None` when none covers `addr`.
+    pub fn read_slot(&self, addr: u64, data: &mut [u8]) -> Option<usize> {
+        let (offset, range) = self.find(addr)?;
+        lock(&range.device).read(offset, data);
+        Some(range.slot)
+    }
+
+    /// Dispatches a write; returns the slot of the device that took it, `None` when none covers `addr`.
+    pub fn write_slot(&self, addr: u64, data: &[u8]) -> Option<usize> {
+        let (offset, range) = self.find(addr)?;
+        lock(&range.device).write(offset, data);
+        Some(range.slot)
     }
 }
 
@@ -121,6 +148,21 @@ mod tests {
         assert!(bus.write(0x100, &[9]));
         bus.read(0x100, &mut b);
         assert_eq!(b[0], 9);
+    }
+
+    #[test]
+    fn accesses_name_the_slot_of_the_device_that_took_them() {
+        let mut bus = Bus::new();
+        bus.insert_named(0x200, 4, "b", Arc::new(Mutex::new(Echo(0)))).unwrap();
+        bus.insert_named(0x100, 4, "a", Arc::new(Mutex::new(Echo(0)))).unwrap();
+        assert_eq!(bus.names(), ["b", "a"]);
+        let mut d = [0u8; 1];
+        assert_eq!(bus.read_slot(0x101, &mut d), Some(1));
+        assert_eq!(bus.write_slot(0x203, &[1]), Some(0));
+        assert_eq!(bus.write_slot(0x204, &[1]), None);
+        assert_eq!(bus.names().len(), 2, "a refused insert must not add a name");
+        assert!(bus.insert_named(0x102, 1, "c", Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert_eq!(bus.names().len(), 2);
     }
 
     #[test]

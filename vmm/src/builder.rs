@@ -209,7 +209,7 @@ fn launch(l: Launch) -> Result<VmExit, Error> {
 
     let _raw = RawMode::enter();
     let io = Arc::new(io);
-    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone(), paused)).collect::<Result<_, _>>()?;
+    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone(), paused, start)).collect::<Result<_, _>>()?;
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
     let facts = Facts { cpus: machine.cpus, mem_bytes: machine.mem_bytes, layer: host.layer.number(), nested: machine.nested, started: start };
     let persisted = Persisted { machine, spec, serial: legacy.serial, i8042: legacy.i8042, transports: virtio.transports };

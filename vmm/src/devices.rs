@@ -58,13 +58,13 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Re
     let serial_room = Arc::new(InputRoom::new().map_err(Error::EventFd)?);
     let trigger = EventFdTrigger(serial_irq.try_clone().map_err(Error::EventFd)?);
     let serial = Arc::new(Mutex::new(SerialPort::new(trigger, serial_room.clone(), Box::new(std::io::stdout()))));
-    io.pio.insert(serial::COM1_PORT, serial::PORT_COUNT, serial.clone())?;
+    io.pio.insert_named(serial::COM1_PORT, serial::PORT_COUNT, "serial", serial.clone())?;
 
     let reset = eventfd()?;
     let dup = reset.try_clone().map_err(Error::EventFd)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(dup))));
-    io.pio.insert(i8042::I8042_PORT, i8042::PORT_COUNT, i8042.clone())?;
-    io.pio.insert(BOOT_TIMER_PORT, 1, Arc::new(Mutex::new(BootTimer::new(start))))?;
+    io.pio.insert_named(i8042::I8042_PORT, i8042::PORT_COUNT, "i8042", i8042.clone())?;
+    io.pio.insert_named(BOOT_TIMER_PORT, 1, "boot-timer", Arc::new(Mutex::new(BootTimer::new(start))))?;
 
     let power_off = eventfd()?;
     if acpi {
@@ -72,7 +72,7 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Re
             EventFdTrigger(power_off.try_clone().map_err(Error::EventFd)?),
             EventFdTrigger(reset.try_clone().map_err(Error::EventFd)?),
         );
-        io.pio.insert(ACPI_PM_PORT, acpi_pm::PORT_COUNT, Arc::new(Mutex::new(pm)))?;
+        io.pio.insert_named(ACPI_PM_PORT, acpi_pm::PORT_COUNT, "acpi-pm", Arc::new(Mutex::new(pm)))?;
     }
     Ok(Legacy { serial, serial_room, serial_irq, i8042, reset, power_off })
 }

@@ -112,7 +112,7 @@ pub fn attach(vm: &Vm, io: &mut IoBuses, disk_configs: &[DiskConfig], nets: &[co
         }
         vm.register_irqfd(transport.interrupt_event(), window.irq)?;
         let transport = Arc::new(Mutex::new(transport));
-        io.mmio.insert(window.base, window.len, transport.clone())?;
+        io.mmio.insert_named(window.base, window.len, &format!("virtio{i}"), transport.clone())?;
         attached.transports.push(transport);
         attached.subscribers.push((dev.subscriber, dev.kind));
         attached.windows.push(window);

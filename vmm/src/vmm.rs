@@ -27,6 +27,7 @@ use crate::device_loop::{self, DeviceLoop};
 use crate::devices::Subscriber;
 use crate::mailbox::Inbox;
 use crate::memory;
+use crate::vcpu::profile::VcpuProfile;
 use crate::vcpu::{self, ExitSignal, ExitSource, VcpuHandle, VcpuMessage, VcpuReport, VmExit};
 use crate::virtio::AttachedDisk;
 use crate::vm::Vm;
@@ -103,6 +104,23 @@ pub struct VmInfo {
     pub nested: bool,
     pub uptime_ms: u64,
     pub vcpus: Vec<VcpuInfo>,
+    pub profile: Profile,
+}
+
+/// The exit profile: nvmm's start-up time and each vCPU's exits (`vcpu/profile.rs`).
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    /// nvmm's start to the first `KVM_RUN` of any vCPU; `null` before it (a VM restored paused).
+    pub startup_ms: Option<f64>,
+    pub vcpus: Vec<VcpuProfile>,
+}
+
+impl Profile {
+    fn of(vcpus: &[VcpuHandle]) -> Self {
+        let vcpus: Vec<VcpuProfile> = vcpus.iter().map(VcpuHandle::profile).collect();
+        let startup_ms = vcpus.iter().filter_map(|v| v.first_run_ms).reduce(f64::min);
+        Self { startup_ms, vcpus }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -300,6 +318,7 @@ impl Vmm {
             nested: self.facts.nested,
             uptime_ms: self.facts.started.elapsed().as_millis() as u64,
             vcpus,
+            profile: Profile::of(&self.vcpus),
         }
     }
 
@@ -376,9 +395,10 @@ impl Vmm {
     }
 
     /// Ends the vCPU and device threads, each within a bounded time, and logs nvmm's memory.
-    fn teardown(self) {
-        for vcpu in self.vcpus {
-            if let Err(e) = vcpu.finish(TEARDOWN_TIMEOUT) {
+    fn teardown(mut self) {
+        let started = Instant::now();
+        for vcpu in &mut self.vcpus {
+            if let Err(e) = vcpu.stop(TEARDOWN_TIMEOUT) {
                 log::warn!("{e}");
             }
         }
@@ -387,6 +407,10 @@ impl Vmm {
                 log::warn!("{e}");
             }
         }
+        let teardown = started.elapsed();
+        if log::log_enabled!(log::Level::Info) {
+            log_profile(&Profile::of(&self.vcpus), teardown);
+        }
         if let Some(u) = memory::host_usage(&self.vm.mem) {
             log::info!(
                 "memory: peak RSS {} KiB, guest RAM touched {} KiB, nvmm's own {} KiB",
@@ -394,6 +418,17 @@ impl Vmm {
             );
         }
     }
+}
+
+/// The exit profile, once the vCPUs have stopped, and the teardown time (vCPU and device threads
+/// ended; what follows, the terminal and the process exit, is not counted).
+fn log_profile(profile: &Profile, teardown: Duration) {
+    let startup = profile.startup_ms.map_or("not reached".to_string(), |ms| format!("{ms:.1} ms"));
+    log::info!("profile: start-up (nvmm's start to the first KVM_RUN) {startup}, teardown {:.1} ms", teardown.as_secs_f64() * 1000.0);
+    // One record for all vCPUs: the logger keeps at most 5 lines a second per call site.
+    let lines: Vec<String> = profile.vcpus.iter().flat_map(VcpuProfile::lines).map(|l| format!("profile: {l}")).collect();
+    // Each further line carries the logger's prefix too, so every line reads on its own.
+    log::info!("{}", lines.join("\nnvmm: info: "));
 }
 
 /// A vCPU that answers `Stopped` belongs to a VM that is ending.
@@ -437,11 +472,14 @@ mod tests {
             nested: true,
             uptime_ms: 1500,
             vcpus: vec![VcpuInfo { id: 0, exits: 42, exits_source: ExitSource::KvmStats }],
+            profile: Profile { startup_ms: Some(12.5), vcpus: vec![] },
         };
         let v = serde_json::to_value(info).unwrap();
         assert_eq!(v["state"], "paused");
         assert_eq!(v["vcpus"][0]["exits_source"], "kvm_stats");
         assert_eq!(v["layer"], 1);
         assert_eq!(v["memory_bytes"], 268435456u64);
+        assert_eq!(v["profile"]["startup_ms"], 12.5);
+        assert!(v["profile"]["vcpus"].is_array());
     }
 }

@@ -12,6 +12,7 @@ use nvmm_devices::bus::{BusDevice, BusError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vcpu::profile::ExitProfile;
 use crate::vcpu::stats::ExitCounter;
 use super::guest::{self, Hypercall, Inputs, Kind, Program};
 use crate::boot::Entry;
@@ -112,6 +113,8 @@ pub struct Runner {
     /// IA32_MISC_ENABLE as KVM holds it: what the wrmsr routine writes back.
     msr_value: u64,
     counter: Option<ExitCounter>,
+    /// handle_exit counts every exit; the bench has its own timings and never reads this.
+    profile: ExitProfile,
     iterations: u32,
     /// Whether the guest's LAPIC timer has TSC-deadline mode, which hlt-irq needs.
     tsc_deadline: bool,
@@ -167,7 +170,8 @@ impl Runner {
         long_mode.tr = regs::segment_from_gdt(guest::gdt()[5], guest::SEL_TSS);
         let counter = ExitCounter::open(&vcpu.fd);
         let hlt_delay = DEFAULT_HLT_DELAY;
-        Ok(Runner { vm, vcpu, io, program, long_mode, msr_value, counter, iterations, tsc_deadline, hlt_delay, _ioevents: ioevents })
+        let profile = ExitProfile::new(&io, std::time::Instant::now());
+        Ok(Runner { vm, vcpu, io, program, long_mode, msr_value, counter, profile, iterations, tsc_deadline, hlt_delay, _ioevents: ioevents })
     }
 
     /// The guest's TSC frequency as KVM sets it (KVM_GET_TSC_KHZ), if KVM says.
@@ -266,7 +270,7 @@ impl Runner {
                             last_user_exit = Some(now);
                         }
                     }
-                    if let Action::Stop(why) = handle_exit(exit, &self.io) {
+                    if let Action::Stop(why) = handle_exit(exit, &self.io, &self.profile) {
                         let why = match why {
                             VmExit::Reset => "it shut down (triple fault)".to_string(),
                             VmExit::PowerOff => "it powered off".to_string(),

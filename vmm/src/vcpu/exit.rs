@@ -4,6 +4,8 @@
 use kvm_ioctls::VcpuExit;
 use nvmm_devices::bus::Bus;
 
+use super::profile::{ExitProfile, Kind};
+
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -30,40 +32,52 @@ pub enum Action {
     Stop(VmExit),
 }
 
-/// Handles one exit. Accesses to unclaimed ports read as all ones (a floating ISA bus) and
-/// unclaimed MMIO reads as zero; writes to either are dropped.
-pub fn handle_exit(exit: VcpuExit, io: &IoBuses) -> Action {
+/// Handles one exit and counts it in `profile`. Accesses to unclaimed ports read as all ones (a
+/// floating ISA bus) and unclaimed MMIO reads as zero; writes to either are dropped.
+pub fn handle_exit(exit: VcpuExit, io: &IoBuses, profile: &ExitProfile) -> Action {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            if !io.pio.read(u64::from(port), data) {
+            let slot = io.pio.read_slot(u64::from(port), data);
+            if slot.is_none() {
                 data.fill(0xff);
             }
+            profile.port_io(slot);
         }
-        VcpuExit::IoOut(port, data) => {
-            io.pio.write(u64::from(port), data);
-        }
+        VcpuExit::IoOut(port, data) => profile.port_io(io.pio.write_slot(u64::from(port), data)),
         VcpuExit::MmioRead(addr, data) => {
-            if !io.mmio.read(addr, data) {
+            let slot = io.mmio.read_slot(addr, data);
+            if slot.is_none() {
                 data.fill(0);
             }
+            profile.mmio(slot);
         }
-        VcpuExit::MmioWrite(addr, data) => {
-            io.mmio.write(addr, data);
+        VcpuExit::MmioWrite(addr, data) => profile.mmio(io.mmio.write_slot(addr, data)),
+        VcpuExit::Shutdown => {
+            profile.count(Kind::Shutdown);
+            return Action::Stop(VmExit::Reset);
         }
-        VcpuExit::Shutdown => return Action::Stop(VmExit::Reset),
         // With the in-kernel LAPIC, HLT is handled by KVM; seeing it means interrupts are off for good.
-        VcpuExit::Hlt => return Action::Stop(VmExit::Error("the guest halted with interrupts disabled".into())),
-        VcpuExit::FailEntry(reason, cpu) => {
-            return Action::Stop(VmExit::Error(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})")))
-        }
-        VcpuExit::SystemEvent(kind, _) => {
-            return Action::Stop(VmExit::Error(format!("unexpected system event {kind} from the guest")))
+        VcpuExit::Hlt => {
+            profile.count(Kind::Halt);
+            return Action::Stop(VmExit::Error("the guest halted with interrupts disabled".into()));
         }
         // Signals and immediate-exit requests land here; the loop decides what to do next.
-        VcpuExit::Intr => {}
-        other => return Action::Stop(VmExit::Error(format!("unhandled VM exit: {other:?}"))),
+        VcpuExit::Intr => profile.count(Kind::Interrupt),
+        other => {
+            profile.count(Kind::Other);
+            return Action::Stop(stop_reason(other));
+        }
     }
     Action::Continue
+}
+
+/// Why an exit nvmm does not handle stops the VM.
+fn stop_reason(exit: VcpuExit) -> VmExit {
+    VmExit::Error(match exit {
+        VcpuExit::FailEntry(reason, cpu) => format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"),
+        VcpuExit::SystemEvent(kind, _) => format!("unexpected system event {kind} from the guest"),
+        other => format!("unhandled VM exit: {other:?}"),
+    })
 }
 
 #[cfg(test)]
@@ -89,6 +103,10 @@ mod tests {
         io.pio.insert(0x3f8, 8, reg.clone()).unwrap();
         io.mmio.insert(0xd000_0000, 0x1000, reg.clone()).unwrap();
         (io, reg)
+    }
+
+    fn handle_exit(exit: VcpuExit, io: &IoBuses) -> Action {
+        super::handle_exit(exit, io, &ExitProfile::new(io, std::time::Instant::now()))
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! mapping lives exactly as long as the handle.
 
 use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -25,8 +25,9 @@ use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::persist::{self, SaveSpec, VcpuState};
-use super::stats::ExitCounter;
-use super::Error;
+use super::profile::{ExitProfile, VcpuProfile};
+use super::stats::KvmStats;
+use super::{Error, IoBuses};
 
 /// A saved vCPU state, or why it could not be read.
 pub type SaveReply = Result<VcpuState, persist::Error>;
@@ -69,8 +70,17 @@ pub struct VcpuHandle {
     reports: Receiver<VcpuReport>,
     kick: VcpuFd,
     thread: Option<JoinHandle<()>>,
-    kvm_exits: Option<ExitCounter>,
-    own_exits: Arc<AtomicU64>,
+    kvm_stats: Option<KvmStats>,
+    profile: Arc<ExitProfile>,
+    io: Arc<IoBuses>,
+}
+
+/// What [`VcpuHandle::new`] needs to report on the vCPU.
+pub(super) struct Reporting {
+    pub kvm_stats: Option<KvmStats>,
+    pub profile: Arc<ExitProfile>,
+    /// The buses, for the names of their devices.
+    pub io: Arc<IoBuses>,
 }
 
 /// Installs the no-op `SIGRTMIN` handler, once per process (the answer of the first try is kept).
@@ -101,10 +111,10 @@ impl VcpuHandle {
         reports: Receiver<VcpuReport>,
         kick: VcpuFd,
         thread: JoinHandle<()>,
-        kvm_exits: Option<ExitCounter>,
-        own_exits: Arc<AtomicU64>,
+        reporting: Reporting,
     ) -> Self {
-        Self { id, messages, reports, kick, thread: Some(thread), kvm_exits, own_exits }
+        let Reporting { kvm_stats, profile, io } = reporting;
+        Self { id, messages, reports, kick, thread: Some(thread), kvm_stats, profile, io }
     }
 
     pub fn id(&self) -> u8 {
@@ -152,15 +162,26 @@ impl VcpuHandle {
 
     /// The vCPU's exits so far, and where the figure comes from.
     pub fn exits(&self) -> (u64, ExitSource) {
-        match self.kvm_exits.as_ref().and_then(ExitCounter::read) {
+        match self.kvm_stats.as_ref().and_then(|s| s.get("exits")) {
             Some(n) => (n, ExitSource::KvmStats),
-            None => (self.own_exits.load(Ordering::Relaxed), ExitSource::Nvmm),
+            None => (self.profile.report(self.id, &self.io, None).userspace_exits, ExitSource::Nvmm),
         }
+    }
+
+    /// The vCPU's exit profile so far.
+    pub fn profile(&self) -> VcpuProfile {
+        self.profile.report(self.id, &self.io, self.kvm_stats.as_ref())
     }
 
     /// Ends the thread and waits for it, at most `timeout` (a thread that does not end is left to
     /// the process exit).
     pub fn finish(mut self, timeout: Duration) -> Result<(), Error> {
+        self.stop(timeout)
+    }
+
+    /// Ends the thread and waits for it, at most `timeout`, keeping the handle: its profile is
+    /// then final.
+    pub fn stop(&mut self, timeout: Duration) -> Result<(), Error> {
         let _ = self.send(VcpuMessage::Finish);
         // The thread drops its report sender when it returns.
         loop {

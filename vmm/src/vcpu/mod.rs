@@ -4,13 +4,13 @@
 pub mod exit;
 mod handle;
 pub mod persist;
+pub mod profile;
 pub mod regs;
 mod runner;
 pub mod stats;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_msr_entry, CpuId};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub use exit::{handle_exit, Action, IoBuses, VmExit};
 pub use handle::{ExitSource, SaveReply, VcpuHandle, VcpuMessage, VcpuReport};
 use runner::Runner;
-use stats::ExitCounter;
+use profile::ExitProfile;
+use stats::KvmStats;
 
 use crate::boot::Entry;
 
@@ -106,17 +107,19 @@ impl Vcpu {
         regs::setup_sregs(&self.fd, entry, gdt).map_err(r)
     }
 
-    /// Starts the vCPU's thread, running or paused, and returns the VMM's handle on it.
-    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, exit: Arc<ExitSignal>, paused: bool) -> Result<VcpuHandle, Error> {
+    /// Starts the vCPU's thread, running or paused, and returns the VMM's handle on it; `started`
+    /// is when nvmm started (the profile's start-up time counts from there).
+    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, exit: Arc<ExitSignal>, paused: bool, started: Instant) -> Result<VcpuHandle, Error> {
         let id = self.id;
         handle::install_kick_handler()?;
         let kick = handle::kick_fd(vm, &self.fd, id)?;
         // Opened now: once the thread is in KVM_RUN, the ioctl would wait for it to leave.
-        let kvm_exits = ExitCounter::open(&self.fd);
-        let own_exits = Arc::new(AtomicU64::new(0));
+        let kvm_stats = KvmStats::open(&self.fd, stats::PROFILE_STATS);
+        let profile = Arc::new(ExitProfile::new(&io, started));
+        let reporting = handle::Reporting { kvm_stats, profile: profile.clone(), io: io.clone() };
         let (messages, inbox) = mpsc::channel();
         let (outbox, reports) = mpsc::channel();
-        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, exits: own_exits.clone(), start_paused: paused };
+        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, profile, start_paused: paused };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -124,7 +127,7 @@ impl Vcpu {
                 runner.run()
             })
             .map_err(|e| Error::Spawn(id, e))?;
-        Ok(VcpuHandle::new(id, messages, reports, kick, thread, kvm_exits, own_exits))
+        Ok(VcpuHandle::new(id, messages, reports, kick, thread, reporting))
     }
 }
 
@@ -172,7 +175,7 @@ mod tests {
         vcpu.fd.set_regs(&regs).unwrap();
 
         let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), exit.clone(), false).unwrap();
+        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), exit.clone(), false, Instant::now()).unwrap();
         wait_for_exits_above(&h, 10);
         assert_eq!(h.request(VcpuMessage::Pause, T).unwrap(), VcpuReport::Paused);
         let paused_at = h.exits().0;
@@ -183,5 +186,79 @@ mod tests {
         wait_for_exits_above(&h, paused_at + 10);
         assert_eq!(exit.reason(), None);
         h.finish(T).unwrap();
+    }
+
+    /// A real-mode guest on this host's /dev/kvm, without an in-kernel IRQ chip so that its HLT
+    /// reaches nvmm: 3 writes to a named port device, 1 to an unclaimed port, 2 MMIO reads of a
+    /// named device, 1 of an unclaimed address, then HLT, which stops the vCPU. The profile must
+    /// count exactly those.
+    #[test]
+    fn the_profile_counts_exactly_the_exits_the_guest_made() {
+        use nvmm_devices::bus::BusDevice;
+        struct Sink;
+        impl BusDevice for Sink {
+            fn read(&mut self, _: u64, data: &mut [u8]) {
+                data.fill(0x5a);
+            }
+            fn write(&mut self, _: u64, _: &[u8]) {}
+        }
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            crate::skip_test("no /dev/kvm");
+            return;
+        };
+        let mem = memory::create(16 << 20).unwrap();
+        let fd = kvm.create_vm().unwrap();
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: 16 << 20,
+            userspace_addr: { use vm_memory::GuestMemoryBackend; mem.get_host_address(GuestAddress(0)).unwrap() as u64 },
+            flags: 0,
+        };
+        // SAFETY: `mem` is a live 16 MiB mapping that outlives the VM fd, dropped at the end of the test.
+        unsafe { fd.set_user_memory_region(region) }.unwrap();
+        let code = [
+            0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xee, 0xee, 0xee, // out dx, al (x3): the named port device
+            0xe6, 0x80, // out 0x80, al: unclaimed
+            0xa0, 0x00, 0x00, // mov al, [0]: ds.base 0xd0000000, the named MMIO device
+            0xa0, 0x04, 0x00, // mov al, [4]
+            0xa0, 0x00, 0x10, // mov al, [0x1000]: past the device, unclaimed
+            0xf4, // hlt: no IRQ chip, so it exits to nvmm
+        ];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let vcpu = Vcpu::new(&fd, 0).unwrap();
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        sregs.ds.base = 0xd000_0000;
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        vcpu.fd.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() }).unwrap();
+
+        let mut io = IoBuses::default();
+        io.pio.insert_named(0x3f8, 8, "serial", Arc::new(Mutex::new(Sink))).unwrap();
+        io.mmio.insert_named(0xd000_0000, 0x1000, "virtio0", Arc::new(Mutex::new(Sink))).unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut h = vcpu.start(&fd, Arc::new(io), exit.clone(), false, Instant::now()).unwrap();
+        let t = Instant::now();
+        while exit.reason().is_none() {
+            assert!(t.elapsed() < T, "the guest never halted: {:?}", h.profile());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(exit.reason(), Some(VmExit::Error(m)) if m.contains("halted")), "{:?}", exit.reason());
+        h.stop(T).unwrap();
+        let p = h.profile();
+        assert_eq!(p.port_io, std::collections::BTreeMap::from([("serial".into(), 3), ("unclaimed".into(), 1)]));
+        assert_eq!(p.mmio, std::collections::BTreeMap::from([("virtio0".into(), 2), ("unclaimed".into(), 1)]));
+        assert_eq!((p.halts, p.shutdowns, p.others), (1, 0, 0));
+        // Every exit to nvmm is one of the above or an interrupt (a stray signal; the test sends none).
+        assert_eq!(p.userspace_exits, 3 + 1 + 2 + 1 + 1 + p.interrupts);
+        assert!(p.first_run_ms.is_some());
+        if let Some(kvm) = &p.kvm {
+            assert!(kvm.get("exits").copied().unwrap_or(0) >= 8, "KVM saw fewer exits than nvmm: {kvm:?}");
+        }
+        drop(h);
+        drop(fd);
+        drop(mem);
     }
 }

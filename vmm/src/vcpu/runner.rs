@@ -18,15 +18,16 @@
 //! `KVM_RUN` returns that exit instead, which is handled with `immediate_exit` still set. So a
 //! vCPU that reports `Paused` has nothing pending, and its state can be read as it is.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
 use kvm_ioctls::VcpuFd;
 
 use super::handle::{SaveReply, VcpuMessage, VcpuReport};
 use super::persist;
+use super::profile::{ExitProfile, Kind};
 use super::{handle_exit, Action, ExitSignal, IoBuses, VmExit};
 
 /// Where the thread's state machine stands.
@@ -45,8 +46,8 @@ pub(super) struct Runner {
     pub messages: Receiver<VcpuMessage>,
     pub reports: Sender<VcpuReport>,
     pub exit: Arc<ExitSignal>,
-    /// Every `KVM_RUN` that returned an exit to userspace.
-    pub exits: Arc<AtomicU64>,
+    /// The exits that reached nvmm, by kind, and the time spent on them.
+    pub profile: Arc<ExitProfile>,
     /// Start paused (a VM restored with `--paused`): no `KVM_RUN` until the first `Resume`.
     pub start_paused: bool,
 }
@@ -67,18 +68,23 @@ impl Runner {
 
     /// The exit loop: run, handle, repeat; messages are read after an interrupted `KVM_RUN`.
     fn running(&mut self) -> State {
+        self.profile.entering();
         loop {
             match self.fd.run() {
                 Ok(exit) => {
-                    self.exits.fetch_add(1, Ordering::Relaxed);
                     if log::log_enabled!(log::Level::Trace) {
                         log::trace!("vcpu{}: exit: {exit:?}", self.id);
                     }
-                    if let Action::Stop(why) = handle_exit(exit, &self.io) {
+                    // CLOCK_MONOTONIC through the vDSO: tens of ns against microseconds per exit.
+                    let took = Instant::now();
+                    let action = handle_exit(exit, &self.io, &self.profile);
+                    self.profile.handled(took.elapsed());
+                    if let Action::Stop(why) = action {
                         return State::Stopped(why);
                     }
                 }
                 Err(e) if e.errno() == libc::EINTR => {
+                    self.profile.count(Kind::Interrupt);
                     // Cleared before the channel is read: a kick that lands after this clear also
                     // sent its message before setting the flag, so the read below sees it.
                     self.fd.set_kvm_immediate_exit(0);

@@ -5,7 +5,9 @@
 //! natively and is answered by the hypervisor below), and `GET /vm` to report each vCPU's exits.
 //! The file is opened before the vCPU thread starts: every vCPU ioctl, this one included, waits
 //! for the vCPU's mutex, which a running `KVM_RUN` holds. Reading it later needs no ioctl.
+//! The exit profile (`profile.rs`) reads the other per-vCPU statistics KVM names the same way.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
@@ -16,24 +18,42 @@ use vmm_sys_util::ioctl_io_nr;
 
 ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
 
-/// The statistic counted: every exit KVM handles, whatever its reason.
+/// The statistic [`ExitCounter`] reads: every exit KVM handles, whatever its reason.
 const EXITS_STAT: &str = "exits";
+/// The per-vCPU statistics the exit profile reports, when KVM has them (names as KVM spells
+/// them; x86 KVM has all of these since 5.14, `nested_run` and `hypercalls` in every module).
+pub const PROFILE_STATS: &[&str] = &[
+    EXITS_STAT,
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "signal_exits",
+    "request_irq_exits",
+    "irq_window_exits",
+    "nmi_window_exits",
+    "hypercalls",
+    "insn_emulation",
+    "halt_wakeup",
+    "pf_taken",
+    "nested_run",
+];
 /// `struct kvm_stats_header`: six u32 fields.
 const HEADER_SIZE: usize = 24;
 /// `struct kvm_stats_desc` without its name: flags u32, exponent i16, size u16, offset u32,
 /// bucket_size u32.
 const DESC_FIXED_SIZE: usize = 16;
 
-/// One vCPU's exit counter.
-pub struct ExitCounter {
+/// Named one-value statistics of one vCPU.
+pub struct KvmStats {
     file: File,
-    /// Byte offset of the counter's u64 in the stats file.
-    at: u64,
+    /// Each statistic found, with the byte offset of its u64 in the stats file.
+    at: Vec<(&'static str, u64)>,
 }
 
-impl ExitCounter {
-    /// Opens the vCPU's statistics and finds the exit counter; `None` if KVM has neither.
-    pub fn open(vcpu: &VcpuFd) -> Option<ExitCounter> {
+impl KvmStats {
+    /// Opens the vCPU's statistics and finds those of `names` KVM has; `None` if it has none.
+    pub fn open(vcpu: &VcpuFd, names: &[&'static str]) -> Option<KvmStats> {
         // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd (or -1), which we own.
         let fd = unsafe { ioctl(vcpu, KVM_GET_STATS_FD()) };
         if fd < 0 {
@@ -48,16 +68,40 @@ impl ExitCounter {
         let desc_size = DESC_FIXED_SIZE + name_size as usize;
         let mut descs = vec![0u8; desc_size.checked_mul(num_desc as usize)?];
         file.read_exact_at(&mut descs, u64::from(desc_offset)).ok()?;
-        let offset = find_counter(&descs, desc_size, EXITS_STAT)?;
-        log::debug!("KVM stats fd {}: '{EXITS_STAT}' at data offset {offset}", file.as_raw_fd());
-        Some(ExitCounter { file, at: u64::from(data_offset) + u64::from(offset) })
+        let at: Vec<_> = names
+            .iter()
+            .filter_map(|name| Some((*name, u64::from(data_offset) + u64::from(find_counter(&descs, desc_size, name)?))))
+            .collect();
+        log::debug!("KVM stats fd {}: {} of {} statistics found", file.as_raw_fd(), at.len(), names.len());
+        (!at.is_empty()).then_some(KvmStats { file, at })
+    }
+
+    /// The current value of the statistic `name`, if KVM has it.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        let (_, at) = self.at.iter().find(|(n, _)| *n == name)?;
+        let mut v = [0u8; 8];
+        self.file.read_exact_at(&mut v, *at).ok()?;
+        Some(u64::from_le_bytes(v))
+    }
+
+    /// Every statistic found, by name (one that cannot be read now is left out).
+    pub fn read(&self) -> BTreeMap<String, u64> {
+        self.at.iter().filter_map(|(name, _)| Some((name.to_string(), self.get(name)?))).collect()
+    }
+}
+
+/// One vCPU's exit counter.
+pub struct ExitCounter(KvmStats);
+
+impl ExitCounter {
+    /// Opens the vCPU's statistics and finds the exit counter; `None` if KVM has neither.
+    pub fn open(vcpu: &VcpuFd) -> Option<ExitCounter> {
+        KvmStats::open(vcpu, &[EXITS_STAT]).map(ExitCounter)
     }
 
     /// The current count.
     pub fn read(&self) -> Option<u64> {
-        let mut v = [0u8; 8];
-        self.file.read_exact_at(&mut v, self.at).ok()?;
-        Some(u64::from_le_bytes(v))
+        self.0.get(EXITS_STAT)
     }
 }
 
