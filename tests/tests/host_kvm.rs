@@ -24,10 +24,17 @@ fn tiny_guest_reads_the_virtio_mmio_registers_of_a_disk() {
     tiny::write_elf(&elf);
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-    let (code, stdout, stderr) = run_nvmm(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &format!("path={}", disk.display())]);
+    let (code, stdout, stderr) =
+        run_nvmm(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &format!("path={}", disk.display()), "--log-level", "info"]);
     assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
     // Magic "virt" and device ID 2 (block), read through MMIO exits from the first window.
     assert_eq!(stdout, format!("{}virt2\n", tiny::BANNER));
+    // The exit profile names each device the guest touched, with exactly its count of accesses:
+    // one serial write per byte written, the boot-timer and i8042 writes, the two window reads.
+    let serial = stdout.len();
+    let want = format!("port I/O: boot-timer 1, i8042 1, serial {serial}; MMIO: virtio0 2; halts 0");
+    assert!(stderr.lines().any(|l| l.starts_with("nvmm: info: profile: vcpu0: ") && l.contains(&want)), "want {want:?} in:\n{stderr}");
+    assert!(stderr.contains("profile: start-up (nvmm's start to the first KVM_RUN) "), "{stderr}");
 }
 
 #[test]
