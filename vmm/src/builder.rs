@@ -54,6 +54,8 @@ pub enum Error {
     Nested(#[from] nested::NestedError),
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    CpuidLeaf(#[from] cpuid::Error),
     #[error("KVM_GET_MSR_INDEX_LIST: {0}")]
     MsrIndexList(#[source] kvm_ioctls::Error),
     #[error("boot tables: {0}")]
@@ -228,6 +230,12 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, host: &Host, config: &VmConfig) -> Result<Ve
         cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus, tsc_deadline);
         nested::shape_cpuid(&mut cpuid, &host.vendor, config.nested)?;
         let vcpu = Vcpu::new(&vm.fd, id)?;
+        // The guest's TSC runs at the rate KVM gives a new vCPU; 0 (unknown) leaves the leaf out.
+        let tsc_khz = vcpu.fd.get_tsc_khz().unwrap_or(0);
+        cpuid::add_timing_leaf(&mut cpuid, tsc_khz)?;
+        if id == 0 {
+            log::debug!("CPUID 0x{:x}: TSC {tsc_khz} kHz, APIC bus {} kHz", cpuid::LEAF_TIMING, cpuid::APIC_BUS_KHZ);
+        }
         vcpu.configure(&cpuid, &msrs)?;
         vcpus.push(vcpu);
     }

@@ -1,7 +1,14 @@
 //! The CPUID each vCPU sees: KVM's supported set, with a topology that matches `--cpus` (one socket,
-//! one thread per core) and each vCPU's own APIC ID. VMX/SVM exposure is `nested`'s job.
+//! one thread per core) and each vCPU's own APIC ID, and the TSC and APIC bus frequencies in leaf
+//! 0x4000_0010. VMX/SVM exposure is `nested`'s job.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot add CPUID leaf {0:#x}: {1:?}")]
+    AddLeaf(u32, vmm_sys_util::fam::Error),
+}
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;
@@ -10,6 +17,13 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+/// KVM's signature leaf; EAX is the highest hypervisor leaf.
+const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
+/// The timing leaf VMware defined and KVM guests read too: EAX the TSC frequency, EBX the
+/// APIC bus (LAPIC timer) frequency, both in kHz. QEMU fills it when the TSC frequency is known.
+pub const LEAF_TIMING: u32 = 0x4000_0010;
+/// KVM's LAPIC timer counts at 1 GHz (one tick a nanosecond, `APIC_BUS_CYCLE_NS` = 1).
+pub const APIC_BUS_KHZ: u32 = 1_000_000;
 
 /// Leaf 1 EBX: bits 31..24 initial APIC ID, bits 23..16 logical processors per package.
 const EBX_APIC_ID_SHIFT: u32 = 24;
@@ -73,6 +87,59 @@ pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) 
                 e.ecx = 0; // node 0, one node per package
             }
             _ => {}
+        }
+    }
+}
+
+/// Tells the guest its TSC frequency (`KVM_GET_TSC_KHZ`) and the LAPIC timer's in leaf
+/// 0x4000_0010, so it need not measure them against another clock; raises the signature leaf's
+/// highest leaf to match. Does nothing without KVM's signature leaf (nothing points the guest
+/// at the hypervisor leaves then) or with an unknown TSC frequency (0).
+pub fn add_timing_leaf(cpuid: &mut CpuId, tsc_khz: u32) -> Result<(), Error> {
+    if tsc_khz == 0 {
+        return Ok(());
+    }
+    let Some(sig) = cpuid.as_mut_slice().iter_mut().find(|e| e.function == LEAF_KVM_SIGNATURE) else {
+        return Ok(());
+    };
+    sig.eax = sig.eax.max(LEAF_TIMING);
+    let timing = kvm_cpuid_entry2 { function: LEAF_TIMING, eax: tsc_khz, ebx: APIC_BUS_KHZ, ..Default::default() };
+    match cpuid.as_mut_slice().iter_mut().find(|e| e.function == LEAF_TIMING) {
+        Some(e) => *e = timing,
+        None => cpuid.push(timing).map_err(|e| Error::AddLeaf(LEAF_TIMING, e))?,
+    }
+    Ok(())
+}
+
+/// What a vCPU's CPUID tells the guest about its timers, as the exit profile shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TimerFacts {
+    /// Leaf 0x4000_0010, when present (with the signature leaf pointing at it).
+    pub tsc_khz: Option<u32>,
+    pub apic_bus_khz: Option<u32>,
+    /// Leaf 0x8000_0007 EDX bit 8: the TSC runs at a constant rate in every C-, P- and T-state.
+    pub invariant_tsc: bool,
+    pub tsc_deadline: bool,
+    pub x2apic: bool,
+}
+
+/// Leaf 0x8000_0007 EDX bit 8 (InvariantTSC); leaf 1 ECX bit 21 (x2APIC).
+const LEAF_POWER_MGMT: u32 = 0x8000_0007;
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
+const ECX_X2APIC: u32 = 1 << 21;
+
+impl TimerFacts {
+    pub fn of(cpuid: &CpuId) -> TimerFacts {
+        let leaf = |f: u32| cpuid.as_slice().iter().find(|e| e.function == f && e.index == 0).copied();
+        let max_hv = leaf(LEAF_KVM_SIGNATURE).map_or(0, |e| e.eax);
+        let timing = leaf(LEAF_TIMING).filter(|_| max_hv >= LEAF_TIMING);
+        let l1 = leaf(LEAF_FEATURES).unwrap_or_default();
+        TimerFacts {
+            tsc_khz: timing.map(|e| e.eax),
+            apic_bus_khz: timing.map(|e| e.ebx),
+            invariant_tsc: leaf(LEAF_POWER_MGMT).is_some_and(|e| e.edx & EDX_INVARIANT_TSC != 0),
+            tsc_deadline: l1.ecx & ECX_TSC_DEADLINE != 0,
+            x2apic: l1.ecx & ECX_X2APIC != 0,
         }
     }
 }
@@ -165,6 +232,38 @@ pub(crate) mod tests {
         assert_eq!(get(&c, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
         assert_eq!(get(&c, 0xb, 1).ebx, 1);
         assert_eq!(get(&c, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn the_timing_leaf_carries_the_tsc_and_apic_bus_khz() {
+        let mut c = supported(b"AuthenticAMD");
+        c.push(entry(LEAF_KVM_SIGNATURE, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d)).unwrap();
+        add_timing_leaf(&mut c, 2_994_000).unwrap();
+        assert_eq!(get(&c, LEAF_KVM_SIGNATURE, 0).eax, LEAF_TIMING, "the guest must be told the leaf exists");
+        let t = get(&c, LEAF_TIMING, 0);
+        assert_eq!((t.eax, t.ebx, t.ecx, t.edx), (2_994_000, APIC_BUS_KHZ, 0, 0));
+        let n = c.as_slice().len();
+        add_timing_leaf(&mut c, 1_000_000).unwrap();
+        assert_eq!(c.as_slice().len(), n, "a second call replaces the leaf");
+        assert_eq!(get(&c, LEAF_TIMING, 0).eax, 1_000_000);
+        let f = TimerFacts::of(&c);
+        assert_eq!((f.tsc_khz, f.apic_bus_khz), (Some(1_000_000), Some(APIC_BUS_KHZ)));
+        assert!(f.x2apic, "the test's leaf 1 has x2APIC");
+        assert!(!f.invariant_tsc, "the test's table has no leaf 0x8000_0007");
+        c.push(entry(LEAF_POWER_MGMT, 0, 0, 0, 0, EDX_INVARIANT_TSC)).unwrap();
+        assert!(TimerFacts::of(&c).invariant_tsc);
+    }
+
+    #[test]
+    fn no_timing_leaf_without_the_kvm_signature_or_a_frequency() {
+        let mut c = supported(b"AuthenticAMD");
+        add_timing_leaf(&mut c, 2_994_000).unwrap();
+        assert!(c.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        c.push(entry(LEAF_KVM_SIGNATURE, 0, 0x4000_0001, 0, 0, 0)).unwrap();
+        add_timing_leaf(&mut c, 0).unwrap();
+        assert!(c.as_slice().iter().all(|e| e.function != LEAF_TIMING));
+        assert_eq!(get(&c, LEAF_KVM_SIGNATURE, 0).eax, 0x4000_0001);
+        assert_eq!(TimerFacts::of(&c).tsc_khz, None);
     }
 
     #[test]

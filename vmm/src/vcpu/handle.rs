@@ -28,6 +28,7 @@ use super::persist::{self, SaveSpec, VcpuState};
 use super::profile::{ExitProfile, VcpuProfile};
 use super::stats::KvmStats;
 use super::{Error, IoBuses};
+use crate::cpuid::TimerFacts;
 
 /// A saved vCPU state, or why it could not be read.
 pub type SaveReply = Result<VcpuState, persist::Error>;
@@ -73,6 +74,7 @@ pub struct VcpuHandle {
     kvm_stats: Option<KvmStats>,
     profile: Arc<ExitProfile>,
     io: Arc<IoBuses>,
+    cpuid: Option<TimerFacts>,
 }
 
 /// What [`VcpuHandle::new`] needs to report on the vCPU.
@@ -81,6 +83,7 @@ pub(super) struct Reporting {
     pub profile: Arc<ExitProfile>,
     /// The buses, for the names of their devices.
     pub io: Arc<IoBuses>,
+    pub cpuid: Option<TimerFacts>,
 }
 
 /// Installs the no-op `SIGRTMIN` handler, once per process (the answer of the first try is kept).
@@ -113,8 +116,8 @@ impl VcpuHandle {
         thread: JoinHandle<()>,
         reporting: Reporting,
     ) -> Self {
-        let Reporting { kvm_stats, profile, io } = reporting;
-        Self { id, messages, reports, kick, thread: Some(thread), kvm_stats, profile, io }
+        let Reporting { kvm_stats, profile, io, cpuid } = reporting;
+        Self { id, messages, reports, kick, thread: Some(thread), kvm_stats, profile, io, cpuid }
     }
 
     pub fn id(&self) -> u8 {
@@ -164,13 +167,13 @@ impl VcpuHandle {
     pub fn exits(&self) -> (u64, ExitSource) {
         match self.kvm_stats.as_ref().and_then(|s| s.get("exits")) {
             Some(n) => (n, ExitSource::KvmStats),
-            None => (self.profile.report(self.id, &self.io, None).userspace_exits, ExitSource::Nvmm),
+            None => (self.profile.report(self.id, &self.io, None, None).userspace_exits, ExitSource::Nvmm),
         }
     }
 
     /// The vCPU's exit profile so far.
     pub fn profile(&self) -> VcpuProfile {
-        self.profile.report(self.id, &self.io, self.kvm_stats.as_ref())
+        self.profile.report(self.id, &self.io, self.kvm_stats.as_ref(), self.cpuid)
     }
 
     /// Ends the thread and waits for it, at most `timeout` (a thread that does not end is left to

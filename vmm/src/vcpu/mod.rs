@@ -116,7 +116,9 @@ impl Vcpu {
         // Opened now: once the thread is in KVM_RUN, the ioctl would wait for it to leave.
         let kvm_stats = KvmStats::open(&self.fd, stats::PROFILE_STATS);
         let profile = Arc::new(ExitProfile::new(&io, started));
-        let reporting = handle::Reporting { kvm_stats, profile: profile.clone(), io: io.clone() };
+        // Read back as KVM holds it (a restored VM's CPUID comes from its snapshot).
+        let cpuid = self.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok().map(|c| crate::cpuid::TimerFacts::of(&c));
+        let reporting = handle::Reporting { kvm_stats, profile: profile.clone(), io: io.clone(), cpuid };
         let (messages, inbox) = mpsc::channel();
         let (outbox, reports) = mpsc::channel();
         let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, profile, start_paused: paused };

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::stats::KvmStats;
+use crate::cpuid::TimerFacts;
 use super::IoBuses;
 
 /// What an access no device on the bus covers is counted under.
@@ -123,7 +124,7 @@ impl ExitProfile {
     }
 
     /// The counters now, with the devices named from `io` and KVM's statistics if it has them.
-    pub fn report(&self, id: u8, io: &IoBuses, kvm: Option<&KvmStats>) -> VcpuProfile {
+    pub fn report(&self, id: u8, io: &IoBuses, kvm: Option<&KvmStats>, cpuid: Option<TimerFacts>) -> VcpuProfile {
         VcpuProfile {
             id,
             port_io: by_name(io.pio.names(), &self.pio),
@@ -137,6 +138,7 @@ impl ExitProfile {
             handle_us_max: self.handle_max_ns.load(Ordering::Relaxed) as f64 / 1000.0,
             first_run_ms: self.first_run().map(|d| d.as_secs_f64() * 1000.0),
             kvm: kvm.map(KvmStats::read),
+            cpuid,
         }
     }
 }
@@ -176,6 +178,8 @@ pub struct VcpuProfile {
     /// KVM's per-vCPU statistics by name (every exit, those KVM handles itself included);
     /// `null` without `KVM_GET_STATS_FD`.
     pub kvm: Option<BTreeMap<String, u64>>,
+    /// What the vCPU's CPUID tells the guest about its timers (`null` if it could not be read).
+    pub cpuid: Option<TimerFacts>,
 }
 
 impl VcpuProfile {
@@ -203,10 +207,21 @@ impl VcpuProfile {
             self.shutdowns,
             self.others
         );
-        let kvm = match &self.kvm {
+        let mut kvm = match &self.kvm {
             Some(m) => format!("vcpu{}: KVM: {}", self.id, list(m)),
             None => format!("vcpu{}: KVM: no binary statistics", self.id),
         };
+        if let Some(c) = &self.cpuid {
+            let khz = |v: Option<u32>| v.map_or("none".to_string(), |k| format!("{k} kHz"));
+            kvm += &format!(
+                "; CPUID: TSC {}, APIC bus {}, invariant TSC {}, TSC deadline {}, x2APIC {}",
+                khz(c.tsc_khz),
+                khz(c.apic_bus_khz),
+                c.invariant_tsc,
+                c.tsc_deadline,
+                c.x2apic
+            );
+        }
         [first, kvm]
     }
 }
@@ -241,7 +256,7 @@ mod tests {
         p.handled(Duration::from_micros(7));
         assert_eq!(p.first_run(), None);
         p.entering();
-        let r = p.report(2, &io, None);
+        let r = p.report(2, &io, None, None);
         assert_eq!(r.port_io, BTreeMap::from([("serial".into(), 2), (UNCLAIMED.into(), 1)]));
         assert_eq!(r.mmio, BTreeMap::from([("virtio0".into(), 1)]));
         assert_eq!((r.halts, r.interrupts, r.shutdowns, r.others), (1, 1, 0, 0));
