@@ -7,6 +7,7 @@
 #       the whole three-layer run seen from L1's.
 # One round runs the four in turn (nvmm L2, QEMU L2, nvmm L3, QEMU L3), so load from other work
 # falls on both VMMs alike. Medians and minimums per row; the minimums matter on a loaded machine.
+# nvmm runs with --log-level info: its exit profile (README) comes out as BENCH-PROFILE lines.
 # L2 has 384 MiB, L3 96 MiB, one vCPU each. Times come from /proc/uptime (10 ms steps).
 # TCG inflates absolute numbers; the nvmm/QEMU ratios are what this measures.
 #
@@ -35,6 +36,7 @@ timed='timed() {
     "$@" > /run/out 2>&1 < /dev/null || true
     t1=$(cut -d" " -f1 /proc/uptime)
     tr -d "\r" < /run/out | grep "^BENCH-" || true
+    tr -d "\r" < /run/out | grep "^nvmm: info: profile: " | sed "s/^nvmm: info: /BENCH-PROFILE $tag $name /" || true
     if grep -q NVMM-USERSPACE /run/out; then
         echo "BENCH-$tag $name $(awk "BEGIN { print $t1 - $t0 }")"
     else
@@ -51,7 +53,7 @@ image() {
 }
 image leaf 'exit 0'
 image l2nvmm "$timed
-timed L3 nvmm /lab/nvmm --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 96M --cmdline '$nvmm_cmdline'" \
+timed L3 nvmm /lab/nvmm --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 96M --cmdline '$nvmm_cmdline'" \
     "$nvmm:/lab/nvmm" "$GUEST_DIR/bzImage:/lab/bzImage" "$tmp/leaf.cpio:/lab/leaf.cpio"
 image l2qemu "$timed
 timed L3 qemu /usr/bin/qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 -m 96 -nographic -no-reboot \
@@ -65,9 +67,9 @@ qemu() {
         -kernel /lab/bzImage -initrd "\$2" -append '$qemu_cmdline'
 }
 for i in \$(seq $rounds); do
-    timed L2 nvmm /lab/nvmm --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 384M --cmdline '$nvmm_cmdline'
+    timed L2 nvmm /lab/nvmm --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 384M --cmdline '$nvmm_cmdline'
     timed L2 qemu qemu 384 /lab/leaf.cpio
-    timed L1VIEW nvmm /lab/nvmm --nested --kernel /lab/bzImage --initrd /lab/l2nvmm.cpio --mem 384M --cmdline '$nvmm_cmdline'
+    timed L1VIEW nvmm /lab/nvmm --nested --log-level info --kernel /lab/bzImage --initrd /lab/l2nvmm.cpio --mem 384M --cmdline '$nvmm_cmdline'
     timed L1VIEW qemu qemu 384 /lab/l2qemu.cpio
 done
 SCRIPT
