@@ -41,9 +41,9 @@ pub fn handle_exit(exit: VcpuExit, io: &IoBuses, profile: &ExitProfile) -> Actio
             if slot.is_none() {
                 data.fill(0xff);
             }
-            profile.port_io(slot);
+            profile.port_io(port, slot);
         }
-        VcpuExit::IoOut(port, data) => profile.port_io(io.pio.write_slot(u64::from(port), data)),
+        VcpuExit::IoOut(port, data) => profile.port_io(port, io.pio.write_slot(u64::from(port), data)),
         VcpuExit::MmioRead(addr, data) => {
             let slot = io.mmio.read_slot(addr, data);
             if slot.is_none() {

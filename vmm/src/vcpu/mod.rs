@@ -252,6 +252,7 @@ mod tests {
         let p = h.profile();
         assert_eq!(p.port_io, std::collections::BTreeMap::from([("serial".into(), 3), ("unclaimed".into(), 1)]));
         assert_eq!(p.mmio, std::collections::BTreeMap::from([("virtio0".into(), 2), ("unclaimed".into(), 1)]));
+        assert_eq!(p.unclaimed_ports, std::collections::BTreeMap::from([("0x80".into(), 1)]));
         assert_eq!((p.halts, p.shutdowns, p.others), (1, 0, 0));
         // Nothing kicked the vCPU before it halted: every exit to nvmm is one of the above.
         assert_eq!(p.interrupts, 0);

@@ -7,7 +7,7 @@
 //! read sees every update the vCPU made before it, give or take the exit in hand.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -18,6 +18,9 @@ use super::IoBuses;
 
 /// What an access no device on the bus covers is counted under.
 pub const UNCLAIMED: &str = "unclaimed";
+
+/// How many distinct unclaimed ports a profile counts one by one (the rest only in `unclaimed`).
+const UNCLAIMED_PORTS: usize = 8;
 
 /// The kinds of exit the profile counts apart from port I/O and MMIO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +43,9 @@ pub struct ExitProfile {
     pio: Box<[AtomicU64]>,
     /// The same for MMIO.
     mmio: Box<[AtomicU64]>,
+    /// The first unclaimed ports accessed (port + 1; 0 for a free entry), each with its count:
+    /// which device the guest looks for and nvmm lacks.
+    unclaimed_ports: [(AtomicU32, AtomicU64); UNCLAIMED_PORTS],
     halts: AtomicU64,
     interrupts: AtomicU64,
     shutdowns: AtomicU64,
@@ -68,6 +74,7 @@ impl ExitProfile {
             started,
             pio: zeros(io.pio.names().len() + 1),
             mmio: zeros(io.mmio.names().len() + 1),
+            unclaimed_ports: std::array::from_fn(|_| (AtomicU32::new(0), AtomicU64::new(0))),
             halts: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
             shutdowns: AtomicU64::new(0),
@@ -79,10 +86,24 @@ impl ExitProfile {
         }
     }
 
-    /// A port access taken by the bus entry `slot`, or by none.
-    pub fn port_io(&self, slot: Option<usize>) {
+    /// An access to `port`, taken by the bus entry `slot`, or by none.
+    pub fn port_io(&self, port: u16, slot: Option<usize>) {
         let last = self.pio.len() - 1;
         bump(&self.pio[slot.unwrap_or(last).min(last)]);
+        if slot.is_none() {
+            let key = u32::from(port) + 1;
+            // A short scan, on the path of accesses no device takes (rare, and already slow).
+            for (p, n) in &self.unclaimed_ports {
+                let held = p.load(Ordering::Relaxed);
+                if held == 0 {
+                    p.store(key, Ordering::Relaxed);
+                }
+                if held == 0 || held == key {
+                    bump(n);
+                    return;
+                }
+            }
+        }
     }
 
     /// An MMIO access taken by the bus entry `slot`, or by none.
@@ -129,6 +150,14 @@ impl ExitProfile {
             id,
             port_io: by_name(io.pio.names(), &self.pio),
             mmio: by_name(io.mmio.names(), &self.mmio),
+            unclaimed_ports: self
+                .unclaimed_ports
+                .iter()
+                .filter_map(|(p, n)| {
+                    let port = p.load(Ordering::Relaxed).checked_sub(1)?;
+                    Some((format!("{port:#x}"), n.load(Ordering::Relaxed)))
+                })
+                .collect(),
             halts: self.halts.load(Ordering::Relaxed),
             interrupts: self.interrupts.load(Ordering::Relaxed),
             shutdowns: self.shutdowns.load(Ordering::Relaxed),
@@ -164,6 +193,8 @@ pub struct VcpuProfile {
     pub port_io: BTreeMap<String, u64>,
     /// MMIO exits by device (`virtio0`, `virtio1`, ..., `unclaimed`).
     pub mmio: BTreeMap<String, u64>,
+    /// The first 8 distinct unclaimed ports (`0x80`) with their counts.
+    pub unclaimed_ports: BTreeMap<String, u64>,
     pub halts: u64,
     pub interrupts: u64,
     pub shutdowns: u64,
@@ -194,7 +225,7 @@ impl VcpuProfile {
         };
         let mean = if self.userspace_exits > 0 { self.handle_us_total / self.userspace_exits as f64 } else { 0.0 };
         let first = format!(
-            "vcpu{}: {} exits to nvmm, handled in {:.1} ms (mean {:.2} us, max {:.1} us); port I/O: {}; MMIO: {}; halts {}, interrupts {}, shutdowns {}, others {}",
+            "vcpu{}: {} exits to nvmm, handled in {:.1} ms (mean {:.2} us, max {:.1} us); port I/O: {}; MMIO: {}; halts {}, interrupts {}, shutdowns {}, others {}; unclaimed ports: {}",
             self.id,
             self.userspace_exits,
             self.handle_us_total / 1000.0,
@@ -205,7 +236,8 @@ impl VcpuProfile {
             self.halts,
             self.interrupts,
             self.shutdowns,
-            self.others
+            self.others,
+            list(&self.unclaimed_ports)
         );
         let mut kvm = match &self.kvm {
             Some(m) => format!("vcpu{}: KVM: {}", self.id, list(m)),
@@ -246,9 +278,9 @@ mod tests {
         io.pio.insert_named(0x3f8, 8, "serial", Arc::new(Mutex::new(Nothing))).unwrap();
         io.mmio.insert_named(0xd000_0000, 0x1000, "virtio0", Arc::new(Mutex::new(Nothing))).unwrap();
         let p = ExitProfile::new(&io, Instant::now());
-        p.port_io(Some(0));
-        p.port_io(Some(0));
-        p.port_io(None);
+        p.port_io(0x3f8, Some(0));
+        p.port_io(0x3f9, Some(0));
+        p.port_io(0x80, None);
         p.mmio(Some(0));
         p.count(Kind::Halt);
         p.count(Kind::Interrupt);
@@ -263,6 +295,23 @@ mod tests {
         assert_eq!(r.userspace_exits, 2);
         assert_eq!((r.handle_us_total, r.handle_us_max), (10.0, 7.0));
         assert!(r.first_run_ms.is_some());
+        assert_eq!(r.unclaimed_ports, BTreeMap::from([("0x80".into(), 1)]));
         assert!(r.lines()[0].contains("port I/O: serial 2, unclaimed 1; MMIO: virtio0 1"), "{}", r.lines()[0]);
+        assert!(r.lines()[0].ends_with("; unclaimed ports: 0x80 1"), "{}", r.lines()[0]);
+    }
+
+    #[test]
+    fn unclaimed_ports_are_counted_one_by_one_up_to_a_bound() {
+        let p = ExitProfile::new(&IoBuses::default(), Instant::now());
+        for port in 0..(UNCLAIMED_PORTS as u16 + 3) {
+            p.port_io(port, None);
+            p.port_io(0, None);
+        }
+        let r = p.report(0, &IoBuses::default(), None, None);
+        assert_eq!(r.port_io[UNCLAIMED], 2 * (UNCLAIMED_PORTS as u64 + 3), "every access counts in the total");
+        assert_eq!(r.unclaimed_ports.len(), UNCLAIMED_PORTS);
+        assert_eq!(r.unclaimed_ports["0x0"], UNCLAIMED_PORTS as u64 + 4);
+        assert_eq!(r.unclaimed_ports["0x7"], 1);
+        assert!(!r.unclaimed_ports.contains_key("0x8"), "ports past the bound only count in the total");
     }
 }
