@@ -27,7 +27,7 @@ use crate::vcpu::persist::{self, SaveSpec};
 use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
 use crate::virtio::Attached;
 use crate::vm::Vm;
-use crate::vmm::{self as running, Facts, Parts, Persisted, Vmm};
+use crate::vmm::{self as running, Facts, Parts, Persisted, StartupStages, Vmm};
 
 /// One error per build stage; each stage's message says what failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,24 +84,30 @@ pub enum Error {
 pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error> {
     // Before anything else, so that every thread nvmm or its crates start inherits the filter.
     crate::seccomp::install(config.seccomp)?;
+    let mut stages = StartupStages::default();
+    stages.mark("seccomp", start);
     // First, so a bad path fails before any work; the socket file goes when `api` is dropped.
     let api = config.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     let kvm = kvm::open()?;
     let host = Host::real();
+    stages.mark("kvm and host", start);
     let vm = Vm::create(&kvm, memory::create(config.mem_bytes)?)?;
     if config.nested {
         nested::preflight(&host, Some(&kvm), Some(&vm.fd))?;
     }
+    stages.mark("vm", start);
 
     let kernel = boot::load_kernel(&vm.mem, &config.kernel, config.entry)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&vm.mem, &kernel, path)?),
         None => None,
     };
+    stages.mark("kernel and initrd", start);
 
     let mut io = IoBuses::default();
     let legacy = devices::setup_legacy(&vm, &mut io, start, config.acpi)?;
     let virtio = crate::virtio::attach(&vm, &mut io, &config.disks, &config.nets)?;
+    stages.mark("devices", start);
 
     // The MP table is always there, for kernels built without ACPI; a kernel with ACPI prefers
     // the MADT. Devices are described once: in the DSDT, or on the command line.
@@ -115,13 +121,15 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     };
     boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
     boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
+    stages.mark("tables", start);
 
     let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
     let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
+    stages.mark("vcpus", start);
 
     let machine = machine_of(config, &virtio);
-    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: false, start })
+    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: false, start, stages })
 }
 
 /// Starts the VM saved in `restore.dir` where it stopped, and returns how it ended.
@@ -171,7 +179,9 @@ pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit
         transport.lock().unwrap_or_else(|e| e.into_inner()).restore(state)?;
     }
     log::info!("restored from {} in {:.1} ms (process start to vCPU threads starting)", restore.dir.display(), start.elapsed().as_secs_f64() * 1000.0);
-    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: restore.paused, start })
+    let mut stages = StartupStages::default();
+    stages.mark("restore", start);
+    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: restore.paused, start, stages })
 }
 
 /// What both builds hand over to [`launch`].
@@ -187,11 +197,12 @@ struct Launch {
     machine: Machine,
     paused: bool,
     start: Instant,
+    stages: StartupStages,
 }
 
 /// Starts the console, the device loops, the API and the vCPU threads, then runs the VM.
 fn launch(l: Launch) -> Result<VmExit, Error> {
-    let Launch { mut api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused, start } = l;
+    let Launch { mut api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused, start, mut stages } = l;
     let spec = Arc::new(save_spec(&kvm, &host, machine.nested)?);
     let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
     let mut events: EventManager<Subscriber> =
@@ -209,11 +220,12 @@ fn launch(l: Launch) -> Result<VmExit, Error> {
         None => None,
     };
 
+    stages.mark("device and API threads", start);
     let _raw = RawMode::enter();
     let io = Arc::new(io);
     let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone(), paused, start)).collect::<Result<_, _>>()?;
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
-    let facts = Facts { cpus: machine.cpus, mem_bytes: machine.mem_bytes, layer: host.layer.number(), nested: machine.nested, started: start };
+    let facts = Facts { cpus: machine.cpus, mem_bytes: machine.mem_bytes, layer: host.layer.number(), nested: machine.nested, started: start, stages };
     let persisted = Persisted { machine, spec, serial: legacy.serial, i8042: legacy.i8042, transports: virtio.transports };
     let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts, persisted, paused })?;
     Ok(vmm.run()?)

@@ -92,6 +92,23 @@ pub struct Facts {
     pub layer: Option<u32>,
     pub nested: bool,
     pub started: Instant,
+    pub stages: StartupStages,
+}
+
+/// When each start-up stage ended, in ms from nvmm's start, in order: where the time before the
+/// first `KVM_RUN` goes.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StartupStages(pub Vec<(&'static str, f64)>);
+
+impl StartupStages {
+    /// Records that `stage` ends now.
+    pub fn mark(&mut self, stage: &'static str, start: Instant) {
+        self.0.push((stage, start.elapsed().as_secs_f64() * 1000.0));
+    }
+
+    fn describe(&self) -> String {
+        self.0.iter().map(|(stage, ms)| format!("{stage} {ms:.1}")).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// The answer to `GET /vm`.
@@ -112,14 +129,16 @@ pub struct VmInfo {
 pub struct Profile {
     /// nvmm's start to the first `KVM_RUN` of any vCPU; `null` before it (a VM restored paused).
     pub startup_ms: Option<f64>,
+    /// The start-up stages as `[name, ms from nvmm's start at its end]` pairs.
+    pub startup_stages_ms: StartupStages,
     pub vcpus: Vec<VcpuProfile>,
 }
 
 impl Profile {
-    fn of(vcpus: &[VcpuHandle]) -> Self {
+    fn of(vcpus: &[VcpuHandle], stages: &StartupStages) -> Self {
         let vcpus: Vec<VcpuProfile> = vcpus.iter().map(VcpuHandle::profile).collect();
         let startup_ms = vcpus.iter().filter_map(|v| v.first_run_ms).reduce(f64::min);
-        Self { startup_ms, vcpus }
+        Self { startup_ms, startup_stages_ms: stages.clone(), vcpus }
     }
 }
 
@@ -318,7 +337,7 @@ impl Vmm {
             nested: self.facts.nested,
             uptime_ms: self.facts.started.elapsed().as_millis() as u64,
             vcpus,
-            profile: Profile::of(&self.vcpus),
+            profile: Profile::of(&self.vcpus, &self.facts.stages),
         }
     }
 
@@ -409,7 +428,7 @@ impl Vmm {
         }
         let teardown = started.elapsed();
         if log::log_enabled!(log::Level::Info) {
-            log_profile(&Profile::of(&self.vcpus), teardown);
+            log_profile(&Profile::of(&self.vcpus, &self.facts.stages), teardown);
         }
         if let Some(u) = memory::host_usage(&self.vm.mem) {
             log::info!(
@@ -424,7 +443,11 @@ impl Vmm {
 /// ended; what follows, the terminal and the process exit, is not counted).
 fn log_profile(profile: &Profile, teardown: Duration) {
     let startup = profile.startup_ms.map_or("not reached".to_string(), |ms| format!("{ms:.1} ms"));
-    log::info!("profile: start-up (nvmm's start to the first KVM_RUN) {startup}, teardown {:.1} ms", teardown.as_secs_f64() * 1000.0);
+    log::info!(
+        "profile: start-up (nvmm's start to the first KVM_RUN) {startup} (stages end at, ms: {}), teardown {:.1} ms",
+        profile.startup_stages_ms.describe(),
+        teardown.as_secs_f64() * 1000.0
+    );
     // One record for all vCPUs: the logger keeps at most 5 lines a second per call site.
     let lines: Vec<String> = profile.vcpus.iter().flat_map(VcpuProfile::lines).map(|l| format!("profile: {l}")).collect();
     // Each further line carries the logger's prefix too, so every line reads on its own.
@@ -472,7 +495,7 @@ mod tests {
             nested: true,
             uptime_ms: 1500,
             vcpus: vec![VcpuInfo { id: 0, exits: 42, exits_source: ExitSource::KvmStats }],
-            profile: Profile { startup_ms: Some(12.5), vcpus: vec![] },
+            profile: Profile { startup_ms: Some(12.5), startup_stages_ms: StartupStages(vec![("kvm", 1.5)]), vcpus: vec![] },
         };
         let v = serde_json::to_value(info).unwrap();
         assert_eq!(v["state"], "paused");
@@ -480,6 +503,7 @@ mod tests {
         assert_eq!(v["layer"], 1);
         assert_eq!(v["memory_bytes"], 268435456u64);
         assert_eq!(v["profile"]["startup_ms"], 12.5);
+        assert_eq!(v["profile"]["startup_stages_ms"], serde_json::json!([["kvm", 1.5]]));
         assert!(v["profile"]["vcpus"].is_array());
     }
 }
