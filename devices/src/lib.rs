@@ -1,6 +1,8 @@
 pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
+pub mod debug_exit;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod serial;
 pub mod trigger;

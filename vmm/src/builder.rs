@@ -9,7 +9,7 @@ use kvm_ioctls::{Cap, Kvm};
 
 use crate::acpi;
 use crate::api::server::{self as api_server, ApiServer};
-use crate::boot::{self, BootExtras};
+use crate::boot::{self, BootExtras, Entry};
 use crate::config::VmConfig;
 use crate::cpuid;
 use crate::devices::{self, ConsoleInput, ExitWatcher, Subscriber};
@@ -84,21 +84,26 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     // The MP table is always there, for kernels built without ACPI; a kernel with ACPI prefers
     // the MADT. Devices are described once: in the DSDT, or on the command line.
     mptable::setup(&vm.mem, config.cpus)?;
-    let mut cmdline = guest_cmdline(config, &host);
-    let rsdp = if config.acpi {
-        Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows)?)
+    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows)?) } else { None };
+    if let Entry::Multiboot { .. } = kernel.entry {
+        let cmdline = config.cmdline.as_deref().unwrap_or("");
+        let module = config.initrd.as_deref().zip(initrd);
+        boot::write_multiboot_info(&vm.mem, &kernel, cmdline, module, config.mem_bytes)?;
     } else {
-        cmdline = crate::virtio::cmdline_with_devices(&cmdline, &virtio.windows)?;
-        None
-    };
-    boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
-    boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
+        let mut cmdline = guest_cmdline(config, &host);
+        if !config.acpi {
+            cmdline = crate::virtio::cmdline_with_devices(&cmdline, &virtio.windows)?;
+        }
+        boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
+        boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
+    }
 
     let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
     let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
+    devices::setup_test_devices(&mut io, config.cpus, config.mem_bytes, config.debug_exit.then(|| exit.clone()))?;
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
@@ -142,7 +147,7 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, host: &Host, config: &VmConfig) -> Result<Ve
 /// The user's command line, plus the guest's layer when ours is known, so `nvmm check` inside the
 /// guest can say which layer it runs at.
 fn guest_cmdline(config: &VmConfig, host: &Host) -> String {
-    let mut cmdline = config.cmdline.clone();
+    let mut cmdline = config.linux_cmdline().to_string();
     if let Some(layer) = host.layer.number() {
         if !cmdline.split_whitespace().any(|w| w.starts_with(crate::host::LAYER_PARAM)) {
             cmdline.push_str(&format!(" {}={}", crate::host::LAYER_PARAM, layer + 1));

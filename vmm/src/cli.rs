@@ -55,9 +55,11 @@ pub struct RunArgs {
     /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line. With --no-acpi, virtio_mmio.device= entries for --disk/--net are appended.
-    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Kernel command line; for Linux the default is "console=ttyS0 reboot=k panic=1 i8042.noaux
+    /// i8042.nomux i8042.dumbkbd" and, with --no-acpi, virtio_mmio.device= entries for --disk/--net
+    /// are appended. A Multiboot kernel gets exactly what is given (none by default).
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
     pub mem: u64,
@@ -83,6 +85,10 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, which must not exist yet.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// A guest write of V to port 0xf4 ends nvmm with exit status (V << 1) | 1, as QEMU's
+    /// isa-debug-exit (kvm-unit-tests report pass, fail and skip this way).
+    #[arg(long)]
+    pub debug_exit: bool,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -98,7 +104,7 @@ pub enum Error {
 impl RunArgs {
     pub fn into_config(self) -> Result<VmConfig, Error> {
         Ok(VmConfig {
-            acpi: config::wants_acpi(self.no_acpi, &self.cmdline),
+            acpi: config::wants_acpi(self.no_acpi, self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)),
             kernel: self.kernel.ok_or(Error::NoKernel)?,
             initrd: self.initrd,
             cmdline: self.cmdline,
@@ -109,6 +115,7 @@ impl RunArgs {
             nets: self.net,
             entry: self.entry,
             api_socket: self.api_socket,
+            debug_exit: self.debug_exit,
         })
     }
 }
@@ -126,9 +133,12 @@ mod tests {
         let c = parse(&["--kernel", "/k"]).unwrap().run.into_config().unwrap();
         assert_eq!(c.mem_bytes, 256 << 20);
         assert_eq!(c.cpus, 1);
-        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.cmdline, None);
+        assert_eq!(c.linux_cmdline(), DEFAULT_CMDLINE);
         assert!(!c.nested);
         assert!(c.acpi);
+        assert!(!c.debug_exit);
+        assert!(parse(&["--kernel", "/k", "--debug-exit"]).unwrap().run.into_config().unwrap().debug_exit);
         let c = parse(&["--kernel", "/k", "--no-acpi"]).unwrap().run.into_config().unwrap();
         assert!(!c.acpi);
     }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    /// The user's `--cmdline`, if given. A Linux kernel gets [`DEFAULT_CMDLINE`] without one, a
+    /// Multiboot kernel an empty line (it would read each word as an argument of its own).
+    pub cmdline: Option<String>,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
     pub cpus: u8,
@@ -22,6 +24,15 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// QEMU's isa-debug-exit on port 0xf4: a guest write of V ends nvmm with status (V << 1) | 1.
+    pub debug_exit: bool,
+}
+
+impl VmConfig {
+    /// The command line a Linux kernel gets, before nvmm's own additions.
+    pub fn linux_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
 }
 
 /// Whether the guest should get ACPI tables: not when the user said `--no-acpi`, nor when the

@@ -9,6 +9,8 @@ use std::time::Instant;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nvmm_devices::acpi_pm::{self, AcpiPm, ACPI_PM_PORT};
 use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use nvmm_devices::debug_exit::{self, DebugExit};
+use nvmm_devices::fw_cfg::{self, FwCfg};
 use nvmm_devices::i8042::{self, I8042};
 use nvmm_devices::serial::{self, SerialPort};
 use nvmm_devices::trigger::EventFdTrigger;
@@ -65,6 +67,17 @@ pub fn setup_legacy(vm: &Vm, io: &mut IoBuses, start: Instant, acpi: bool) -> Re
         io.pio.insert(ACPI_PM_PORT, acpi_pm::PORT_COUNT, Arc::new(Mutex::new(pm)))?;
     }
     Ok(Legacy { serial, reset, power_off })
+}
+
+/// The devices of QEMU's PC that kvm-unit-tests talk to: fw_cfg (always: it only answers what the
+/// guest asks), and the debug-exit port when asked for, which ends the VM through `exit`.
+pub fn setup_test_devices(io: &mut IoBuses, cpus: u8, mem_bytes: u64, debug_exit: Option<Arc<ExitSignal>>) -> Result<(), Error> {
+    io.pio.insert(fw_cfg::FW_CFG_PORT, fw_cfg::PORT_COUNT, Arc::new(Mutex::new(FwCfg::new(cpus.into(), mem_bytes))))?;
+    if let Some(exit) = debug_exit {
+        let dev = DebugExit::new(Box::new(move |status| exit.exit(VmExit::DebugExit(status))));
+        io.pio.insert(debug_exit::DEBUG_EXIT_PORT, debug_exit::PORT_COUNT, Arc::new(Mutex::new(dev)))?;
+    }
+    Ok(())
 }
 
 /// Feeds the host's stdin to the guest's serial port.

@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     nvmm::logger::init(cli.log_level);
     match cli.command {
-        None => report(run(cli.run, start)),
+        None => run(cli.run, start),
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
         Some(Command::Ctl { socket, command }) => report(ctl(&socket, command)),
@@ -49,10 +49,15 @@ fn check(json: bool) -> ExitCode {
     }
 }
 
-fn run(args: RunArgs, start: Instant) -> Result<(), String> {
-    let config = args.into_config().map_err(|e| e.to_string())?;
-    match nvmm::builder::build_and_run(&config, start).map_err(|e| e.to_string())? {
-        VmExit::Reset | VmExit::PowerOff | VmExit::Shutdown => Ok(()),
-        VmExit::Error(msg) => Err(format!("the VM stopped: {msg}")),
+/// The guest's own status when it asked for one through the debug-exit port, else 0 or the error.
+fn run(args: RunArgs, start: Instant) -> ExitCode {
+    let result = args.into_config().map_err(|e| e.to_string()).and_then(|config| {
+        nvmm::builder::build_and_run(&config, start).map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(VmExit::DebugExit(status)) => ExitCode::from(status),
+        Ok(VmExit::Reset | VmExit::PowerOff | VmExit::Shutdown) => ExitCode::SUCCESS,
+        Ok(VmExit::Error(msg)) => report(Err(format!("the VM stopped: {msg}"))),
+        Err(msg) => report(Err(msg)),
     }
 }

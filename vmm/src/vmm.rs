@@ -142,6 +142,7 @@ impl Vmm {
                     VmExit::Reset => log::info!("the guest reset"),
                     VmExit::PowerOff => log::info!("the guest powered off"),
                     VmExit::Shutdown => log::info!("shut down through the API"),
+                    VmExit::DebugExit(status) => log::info!("the guest asked for exit status {status}"),
                     VmExit::Error(_) => {}
                 }
                 break why;
