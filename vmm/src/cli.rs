@@ -58,7 +58,8 @@ pub struct RunArgs {
     /// Kernel command line; for Linux the default is "console=ttyS0 reboot=k panic=1 i8042.noaux
     /// i8042.nomux i8042.dumbkbd" and, with --no-acpi, virtio_mmio.device= entries for --disk/--net
     /// are appended. A Multiboot kernel gets exactly what is given (none by default).
-    #[arg(long, value_name = "STRING")]
+    /// May start with '-' (kvm-unit-tests' `-test` exclusions do).
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_size)]
@@ -138,6 +139,8 @@ mod tests {
         assert!(!c.nested);
         assert!(c.acpi);
         assert!(!c.debug_exit);
+        let c = parse(&["--kernel", "/k", "--cmdline", "-pause_filter_test -x", "--debug-exit"]).unwrap().run.into_config().unwrap();
+        assert_eq!(c.cmdline.as_deref(), Some("-pause_filter_test -x"));
         assert!(parse(&["--kernel", "/k", "--debug-exit"]).unwrap().run.into_config().unwrap().debug_exit);
         let c = parse(&["--kernel", "/k", "--no-acpi"]).unwrap().run.into_config().unwrap();
         assert!(!c.acpi);

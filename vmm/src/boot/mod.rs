@@ -38,7 +38,7 @@ const PAGE_SIZE: u64 = 4096;
 pub enum Error {
     #[error("cannot open {what} {path}: {source}")]
     Open { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("{0} is not a kernel: expected a bzImage, an ELF vmlinux, or a Multiboot kernel (header in the first 8 KiB)")]
+    #[error("{0} is not a Linux kernel or a Multiboot kernel: expected a bzImage, an ELF vmlinux, or a Multiboot header in the first 8 KiB")]
     NotAKernel(PathBuf),
     #[error(transparent)]
     Multiboot(#[from] multiboot::Error),

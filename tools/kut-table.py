@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""The table of tools/kvm-unit-tests.sh, from a console log with its KUT-RESULT and KUT-LOG lines:
+one row per test, a column per layer and VMM; then, for svm.flat, every subtest whose result
+differs between the two VMMs at a layer.
+
+Usage: tools/kut-table.py CONSOLE_LOG [--json]
+"""
+import json
+import re
+import sys
+
+STATUS = {"1": "PASS", "3": "FAIL", "77": "SKIP", "124": "TIMEOUT"}
+
+
+def parse(path):
+    results, logs, order = {}, {}, []
+    for line in open(path, errors="replace"):
+        line = line.replace("\r", "").rstrip("\n")
+        if m := re.search(r"KUT-RESULT (L\d) (\w+) (\S+) (\d+)", line):
+            layer, vmm, name, status = m.groups()
+            results[(layer, vmm, name)] = STATUS.get(status, f"ERR({status})")
+            if name not in order:
+                order.append(name)
+        elif m := re.search(r"KUT-LOG (L\d) (\w+) (\S+): (.*)", line):
+            logs.setdefault(m.groups()[:3], []).append(m.group(4))
+    return results, logs, order
+
+
+def subtests(lines):
+    """svm.flat prints 'PASS: name' / 'FAIL: name' per subtest."""
+    out = {}
+    for l in lines:
+        if m := re.match(r"(PASS|FAIL|SKIP|XFAIL|XPASS): (.*)", l):
+            out[m.group(2)] = m.group(1)
+    return out
+
+
+def main():
+    results, logs, order = parse(sys.argv[1])
+    if not results:
+        sys.exit("kut-table: no KUT-RESULT line in the console log")
+    columns = [(l, v) for l in ("L1", "L2") for v in ("nvmm", "qemu") if any(k[:2] == (l, v) for k in results)]
+    if "--json" in sys.argv:
+        json.dump({n: {f"{l} {v}": results.get((l, v, n)) for l, v in columns} for n in order}, sys.stdout, indent=1)
+        return
+    print(f"{'test':<34}" + "".join(f"{l + ' ' + v:>12}" for l, v in columns))
+    for n in order:
+        print(f"{n:<34}" + "".join(f"{results.get((l, v, n), '-'):>12}" for l, v in columns))
+    for layer in ("L1", "L2"):
+        for n in order:
+            a, b = logs.get((layer, "nvmm", n)), logs.get((layer, "qemu", n))
+            if not a or not b or not n.startswith("svm"):
+                continue
+            sa, sb = subtests(a), subtests(b)
+            diff = [(t, sa.get(t, "-"), sb.get(t, "-")) for t in dict.fromkeys([*sa, *sb]) if sa.get(t) != sb.get(t)]
+            print(f"\n{layer} {n}: {len(sa)} subtest results under nvmm, {len(sb)} under QEMU, {len(diff)} differ")
+            for t, x, y in diff:
+                print(f"  {t[:70]:<70} nvmm {x:<5} qemu {y}")
+
+
+main()
