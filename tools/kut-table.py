@@ -9,7 +9,9 @@ import json
 import re
 import sys
 
-STATUS = {"1": "PASS", "3": "FAIL", "77": "SKIP", "124": "TIMEOUT"}
+# 124: coreutils timeout; 143: busybox timeout's SIGTERM; 127: kvm-unit-tests' unhandled exception
+# (exit code 0x3f).
+STATUS = {"1": "PASS", "3": "FAIL", "77": "SKIP", "124": "TIMEOUT", "143": "TIMEOUT", "127": "CRASH"}
 
 
 def parse(path):

@@ -9,7 +9,8 @@
 #       its own nvmm and QEMU.
 # Each test gets the smp, memory (-m in qemu_params, else QEMU's 128 MiB) and test_args of
 # x86/unittests.cfg. The rest of qemu_params (-cpu models, machine options) is not passed: the
-# comparison is -cpu host against nvmm's CPUID, which is the host's. Tests for i386, and the
+# comparison is -cpu host against nvmm --nested (-cpu host has SVM or VMX too), whose CPUID is
+# the host's. Tests for i386, and the
 # `nodefault` group, are left out as run_tests.sh leaves them out.
 #
 # Usage: tools/kvm-unit-tests.sh [--layers 1|2|1,2] [--tests NAME,...] [--no-qemu] [--no-lab]
@@ -21,20 +22,26 @@
 #                  the lab turned off; --layers 2 then boots L2 with this machine's nvmm
 #   --timeout S    per test and VMM (default 180; TCG makes everything slow)
 #   --keep DIR     keep the console log (every test's output) in DIR
+#   --build-only   build the suite, print the directory of its .flat files, run nothing
 # Needs build/guest (tools/build-guest.sh) and builds the static nvmm unless NVMM_BIN names one.
-# Results: PASS (status 1), FAIL (3), SKIP (77), TIMEOUT, or ERR(status).
+# Results: PASS (status 1), FAIL (3), SKIP (77), CRASH (127: an unhandled exception), TIMEOUT, or
+# ERR(status).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Subtests of svm.flat left out for both VMMs, with the reason:
 # - latency_run_exit, latency_run_exit_clean, latency_svm_insn: a million VMRUNs each, minutes
 #   under TCG, and they measure, they do not check;
-SVM_EXCLUDED="-latency_run_exit -latency_run_exit_clean -latency_svm_insn"
+# - sel_cr0_lmsw_intercept: fails under both VMMs in the lab (TCG's SVM does not intercept LMSW
+#   as the selective CR0 write intercept asks);
+# - msr_intercept_check: QEMU dies on an unhandled #DB in it in the lab (nvmm passes it), which
+#   would end every later subtest under QEMU.
+SVM_EXCLUDED="-latency_run_exit -latency_run_exit_clean -latency_svm_insn -sel_cr0_lmsw_intercept -msr_intercept_check"
 # Tests run at L2 unless --tests says otherwise: svm, the vmexit group, and ten more.
-L2_TESTS="svm,svm_npt,vmexit_cpuid,vmexit_vmcall,vmexit_mov_from_cr8,vmexit_mov_to_cr8,vmexit_inl_pmtimer,vmexit_ipi,vmexit_ipi_halt,vmexit_ple_round_robin,vmexit_tscdeadline,vmexit_tscdeadline_immed,vmexit_cr0_wp,vmexit_cr4_pge,x2apic,xapic,smptest,smptest3,emulator,eventinj,hypercall,idt_test,msr,setjmp,sieve,syscall,tsc,rmap_chain,umip,debug"
+L2_TESTS="vmexit_cpuid,vmexit_vmcall,vmexit_mov_to_cr8,vmexit_inl_pmtimer,vmexit_ipi,vmexit_tscdeadline,vmexit_mov_from_cr8,vmexit_ipi_halt,vmexit_tscdeadline_immed,vmexit_cr0_wp,vmexit_cr4_pge,vmexit_ple_round_robin,svm_npt,msr,smptest,setjmp,tsc,hypercall,idt_test,eventinj,rmap_chain,debug,umip,syscall,xapic,emulator,svm"
 
-usage() { sed -n '16,25p' "$0" >&2; exit 2; }
-layers=1,2 tests= qemu=1 lab=1 timeout=180 keep=
+usage() { sed -n '16,26p' "$0" >&2; exit 2; }
+layers=1,2 tests= qemu=1 lab=1 timeout=180 keep= build_only=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --layers)  [ $# -ge 2 ] || usage; layers="$2"; shift 2 ;;
@@ -43,6 +50,7 @@ while [ $# -gt 0 ]; do
         --no-lab)  lab=0; shift ;;
         --timeout) [ $# -ge 2 ] || usage; timeout="$2"; shift 2 ;;
         --keep)    [ $# -ge 2 ] || usage; keep="$2"; shift 2 ;;
+        --build-only) build_only=1; shift ;;
         *)         usage ;;
     esac
 done
@@ -55,6 +63,10 @@ if [ ! -f "$kut/x86/vmexit.flat" ]; then
     mkdir -p "$kut"
     tar -xzf "$tarball" -C "$kut" --strip-components=1
     (cd "$kut" && ./configure >/dev/null && make -j2 >/dev/null) || { echo "kvm-unit-tests.sh: the suite does not build" >&2; exit 1; }
+fi
+if [ "$build_only" = 1 ]; then
+    echo "$kut/x86"
+    exit 0
 fi
 nvmm="${NVMM_BIN:-$("$REPO_ROOT/tools/build-nvmm.sh")}"
 ensure_pkgs qemu-system-x86 cpio python3 >&2
@@ -102,10 +114,11 @@ nvmm=\${NVMM:-/lab/nvmm}
 while read -r name file smp mem cfg_timeout args; do
     args=\$(eval echo "\$args")
     for vmm in nvmm qemu; do
-        [ \$vmm = qemu ] && ! command -v qemu-system-x86_64 >/dev/null && continue
+        [ \$vmm = qemu ] && { [ $qemu = 0 ] || ! command -v qemu-system-x86_64 >/dev/null; } && continue
         echo "KUT-START \$layer \$vmm \$name"
+        start=\$(date +%s)
         if [ \$vmm = nvmm ]; then
-            timeout $timeout \$nvmm --kernel \$dir/\$file --cpus \$smp --mem \${mem}M --debug-exit \\
+            timeout $timeout \$nvmm --nested --kernel \$dir/\$file --cpus \$smp --mem \${mem}M --debug-exit \\
                 --cmdline="\$args" < /dev/null > /tmp/kut.log 2>&1
         else
             timeout $timeout qemu-system-x86_64 -accel kvm -cpu host -smp \$smp -m \$mem --no-reboot \\
@@ -115,7 +128,7 @@ while read -r name file smp mem cfg_timeout args; do
         fi
         status=\$?
         sed "s/^/KUT-LOG \$layer \$vmm \$name: /" /tmp/kut.log | tr -d '\\r'
-        echo "KUT-RESULT \$layer \$vmm \$name \$status"
+        echo "KUT-RESULT \$layer \$vmm \$name \$status \$((\$(date +%s) - start))s"
     done
 done < \$list
 SCRIPT

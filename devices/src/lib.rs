@@ -4,6 +4,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod pm_timer;
 pub mod serial;
 pub mod trigger;
 pub mod virtio;

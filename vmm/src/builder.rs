@@ -84,8 +84,9 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     // The MP table is always there, for kernels built without ACPI; a kernel with ACPI prefers
     // the MADT. Devices are described once: in the DSDT, or on the command line.
     mptable::setup(&vm.mem, config.cpus)?;
-    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows)?) } else { None };
-    if let Entry::Multiboot { .. } = kernel.entry {
+    let multiboot = matches!(kernel.entry, Entry::Multiboot { .. });
+    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows, multiboot)?) } else { None };
+    if multiboot {
         let cmdline = config.cmdline.as_deref().unwrap_or("");
         let module = config.initrd.as_deref().zip(initrd);
         boot::write_multiboot_info(&vm.mem, &kernel, cmdline, module, config.mem_bytes)?;
@@ -103,7 +104,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
-    devices::setup_test_devices(&mut io, config.cpus, config.mem_bytes, config.debug_exit.then(|| exit.clone()))?;
+    devices::setup_test_devices(&mut io, config, multiboot && config.acpi, exit.clone())?;
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
