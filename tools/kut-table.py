@@ -29,11 +29,13 @@ def parse(path):
 
 
 def subtests(lines):
-    """svm.flat prints 'PASS: name' / 'FAIL: name' per subtest."""
+    """How many times each report line came out: 'PASS: name', 'FAIL: name'... Addresses and
+    counts in a name differ between two VMMs' memory layouts, so numbers become '#'."""
     out = {}
     for l in lines:
         if m := re.match(r"(PASS|FAIL|SKIP|XFAIL|XPASS): (.*)", l):
-            out[m.group(2)] = m.group(1)
+            key = (re.sub(r"0x[0-9a-fA-F]+|\b[0-9a-fA-F]*[0-9][0-9a-fA-F]*\b", "#", m.group(2)), m.group(1))
+            out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -54,10 +56,11 @@ def main():
             if not a or not b or not n.startswith("svm"):
                 continue
             sa, sb = subtests(a), subtests(b)
-            diff = [(t, sa.get(t, "-"), sb.get(t, "-")) for t in dict.fromkeys([*sa, *sb]) if sa.get(t) != sb.get(t)]
-            print(f"\n{layer} {n}: {len(sa)} subtest results under nvmm, {len(sb)} under QEMU, {len(diff)} differ")
-            for t, x, y in diff:
-                print(f"  {t[:70]:<70} nvmm {x:<5} qemu {y}")
+            diff = [(t, sa.get(t, 0), sb.get(t, 0)) for t in dict.fromkeys([*sa, *sb]) if sa.get(t) != sb.get(t)]
+            print(f"\n{layer} {n}: {sum(sa.values())} report lines under nvmm, {sum(sb.values())} under QEMU; "
+                  f"{len(diff)} differ (times seen under each)")
+            for (name, result), x, y in diff:
+                print(f"  {result + ': ' + name[:66]:<72} nvmm {x:<3} qemu {y}")
 
 
 main()

@@ -127,6 +127,8 @@ while read -r name file smp mem cfg_timeout args; do
                 -kernel \$dir/\$file -append "\$args" < /dev/null > /tmp/kut.log 2>&1
         fi
         status=\$?
+        # A VMM that exits cleanly on timeout's SIGTERM (QEMU does) still timed out.
+        [ \$((\$(date +%s) - start)) -ge $timeout ] && status=124
         sed "s/^/KUT-LOG \$layer \$vmm \$name: /" /tmp/kut.log | tr -d '\\r'
         echo "KUT-RESULT \$layer \$vmm \$name \$status \$((\$(date +%s) - start))s"
     done

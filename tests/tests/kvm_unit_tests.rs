@@ -1,5 +1,5 @@
 //! kvm-unit-tests under nvmm in the lab, a representative subset that fits the suite's time budget:
-//! at L1 an exit test, an MSR test, an SMP test, the NPT tests and svm.flat's core subtests; at L2
+//! at L1 an exit test, an SMP test, the NPT tests and svm.flat's core subtests; at L2
 //! (nvmm --nested at L1 boots a Linux whose nvmm runs the test) the exit test and svm's core. The
 //! whole suite, side by side with QEMU, is `tools/kvm-unit-tests.sh` (see the README).
 
@@ -33,10 +33,13 @@ kut() {
 }
 "#;
 
-/// Asserts that `name` passed (status 1: no failure) and ran `tests` subtests.
-fn assert_passed(run: &LabRun, name: &str, summary: &str) {
+/// Asserts that `name` passed (status 1: no failure) and, when it prints a summary (vmexit does
+/// not), that the summary begins with `summary`.
+fn assert_passed(run: &LabRun, name: &str, summary: Option<&str>) {
     assert_eq!(run.value(&format!("KUT-{name}")), "1", "{name} did not pass; console tail:\n{}", run.tail(60));
-    run.assert_marker(&format!("{name}: SUMMARY: {summary}"));
+    if let Some(summary) = summary {
+        run.assert_marker(&format!("{name}: SUMMARY: {summary}"));
+    }
 }
 
 #[test]
@@ -45,7 +48,6 @@ fn kvm_unit_tests_pass_at_l1() {
     let script = format!(
         "{RUN_ONE}
 kut vmexit_cpuid vmexit.flat 1 128M cpuid
-kut msr msr.flat 1 128M
 kut smptest smptest.flat 2 128M
 kut svm_npt svm_npt.flat 2 1024M
 kut svm svm.flat 2 1024M {SVM_CORE}
@@ -57,20 +59,18 @@ exit 0
         .timeout(1500)
         .file(nvmm_bin(), "/lab/nvmm")
         .file(kut.join("vmexit.flat"), "/lab/kut/vmexit.flat")
-        .file(kut.join("msr.flat"), "/lab/kut/msr.flat")
         .file(kut.join("smptest.flat"), "/lab/kut/smptest.flat")
         .file(kut.join("svm_npt.flat"), "/lab/kut/svm_npt.flat")
         .file(kut.join("svm.flat"), "/lab/kut/svm.flat")
         .run(&script);
     run.assert_status(0);
     // vmexit reports its cycle count; smptest needs fw_cfg's CPU count to see both CPUs.
-    assert_passed(&run, "vmexit_cpuid", "1 tests");
+    assert_passed(&run, "vmexit_cpuid", None);
     run.assert_marker("vmexit_cpuid: cpuid ");
-    assert_passed(&run, "msr", "");
-    assert_passed(&run, "smptest", "");
-    run.assert_marker("smptest: 2 cpus");
-    assert_passed(&run, "svm_npt", "");
-    assert_passed(&run, "svm", "");
+    assert_passed(&run, "smptest", Some("1 tests"));
+    run.assert_marker("smptest: found 2 cpus");
+    assert_passed(&run, "svm_npt", Some("138 tests, 3 skipped"));
+    assert_passed(&run, "svm", Some("9 tests"));
     for sub in ["null", "vmrun", "ioio", "asid_zero", "tsc_adjust"] {
         run.assert_marker(&format!("svm: SVM test: {sub}"));
     }
@@ -102,7 +102,8 @@ exit 0
         .file(guest_dir().join("bzImage"), "/lab/bzImage")
         .file(image, "/lab/l2.cpio")
         .run(&script);
-    assert_passed(&run, "vmexit_cpuid", "1 tests");
-    assert_passed(&run, "svm", "");
+    assert_passed(&run, "vmexit_cpuid", None);
+    run.assert_marker("vmexit_cpuid: cpuid ");
+    assert_passed(&run, "svm", Some("4 tests"));
     run.assert_marker("L1-NVMM-STATUS=0");
 }
