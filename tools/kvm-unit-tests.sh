@@ -29,14 +29,20 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# Subtests of svm.flat left out for both VMMs, with the reason:
+# Subtests of svm.flat left out for both VMMs, each because it fails, hangs or kills the VMM on
+# TCG's SVM in the lab under QEMU as under nvmm (or takes minutes there):
 # - latency_run_exit, latency_run_exit_clean, latency_svm_insn: a million VMRUNs each, minutes
 #   under TCG, and they measure, they do not check;
-# - sel_cr0_lmsw_intercept: fails under both VMMs in the lab (TCG's SVM does not intercept LMSW
-#   as the selective CR0 write intercept asks);
-# - msr_intercept_check: QEMU dies on an unhandled #DB in it in the lab (nvmm passes it), which
-#   would end every later subtest under QEMU.
-SVM_EXCLUDED="-latency_run_exit -latency_run_exit_clean -latency_svm_insn -sel_cr0_lmsw_intercept -msr_intercept_check"
+# - sel_cr0_lmsw_intercept: fails under both (LMSW is not intercepted as the selective CR0 write);
+# - exc_inject: fails under both (VMRUN with an invalid EVENTINJ reports exit code 0xffffffff,
+#   zero-extended, not SVM_EXIT_ERR);
+# - virq_inject_within_shadow: fails under both (the virtual interrupt lands in the STI shadow);
+# - host_rflags: hangs under both (single-stepping over VMRUN);
+# - msr_intercept_check, svm_exception_test: QEMU dies on an unhandled #DB, #BP there (nvmm passes
+#   msr_intercept_check), which would end every later subtest under QEMU.
+SVM_EXCLUDED="-latency_run_exit -latency_run_exit_clean -latency_svm_insn -sel_cr0_lmsw_intercept -exc_inject
+    -virq_inject_within_shadow -host_rflags -msr_intercept_check -svm_exception_test"
+SVM_EXCLUDED="$(echo $SVM_EXCLUDED)"
 # Tests run at L2 unless --tests says otherwise: svm, the vmexit group, and ten more.
 L2_TESTS="vmexit_cpuid,vmexit_vmcall,vmexit_mov_to_cr8,vmexit_inl_pmtimer,vmexit_ipi,vmexit_tscdeadline,vmexit_mov_from_cr8,vmexit_ipi_halt,vmexit_tscdeadline_immed,vmexit_cr0_wp,vmexit_cr4_pge,vmexit_ple_round_robin,svm_npt,msr,smptest,setjmp,tsc,hypercall,idt_test,eventinj,rmap_chain,debug,umip,syscall,xapic,emulator,svm"
 
