@@ -1,8 +1,11 @@
 pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
+pub mod debug_exit;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod ratelimit;
+pub mod pm_timer;
 pub mod serial;
 pub mod trigger;
 pub mod virtio;

@@ -14,6 +14,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 use nvmm_devices::acpi_pm::{self, ACPI_PM_PORT};
+use nvmm_devices::pm_timer::{self, PM_TIMER_PORT};
 use nvmm_devices::serial;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::byteorder::{LE, U16, U32};
@@ -169,8 +170,9 @@ fn io_register(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
-/// The FADT of a hardware-reduced platform: the DSDT, and the sleep and reset registers.
-pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+/// The FADT of a hardware-reduced platform: the DSDT, the sleep and reset registers, and the PM
+/// timer if there is one.
+pub fn fadt(dsdt_addr: u64, pm_timer: bool) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"NVMMFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -183,6 +185,11 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     fadt.sleep_status_reg = io_register(ACPI_PM_PORT + acpi_pm::SLEEP_STATUS);
     fadt.reset_reg = io_register(ACPI_PM_PORT + acpi_pm::RESET);
     fadt.reset_value = acpi_pm::RESET_VALUE;
+    if pm_timer {
+        fadt.pm_tmr_blk = (PM_TIMER_PORT as u32).into();
+        fadt.pm_tmr_len = pm_timer::PORT_COUNT as u8;
+        fadt.x_pm_tmr_blk = GAS::new(AddressSpace::SystemIo, 32, 0, AccessSize::DwordAccess, PM_TIMER_PORT);
+    }
     bytes(&fadt.finalize())
 }
 
@@ -194,7 +201,7 @@ pub struct Tables {
 
 /// Lays the tables out from `start`: the RSDP first (Linux's scan finds it at the start of the
 /// BIOS area), then the DSDT, FADT, MADT and XSDT, each after the tables it points to.
-pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow]) -> Result<Tables, Error> {
+pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow], pm_timer: bool) -> Result<Tables, Error> {
     let mut placed = Vec::new();
     let mut next = start + Rsdp::len() as u64;
     let mut place = |table: Vec<u8>| {
@@ -204,7 +211,7 @@ pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow]) -> Result<Tables, Erro
         addr
     };
     let dsdt_addr = place(dsdt(virtio));
-    let fadt_addr = place(fadt(dsdt_addr));
+    let fadt_addr = place(fadt(dsdt_addr, pm_timer));
     let madt_addr = place(madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, *b"NVMMXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
@@ -219,8 +226,10 @@ pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow]) -> Result<Tables, Erro
 }
 
 /// Writes the tables for `cpus` vCPUs and the `virtio` windows; returns the RSDP's address.
-pub fn setup(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioWindow]) -> Result<u64, Error> {
-    let tables = build(ACPI_TABLES_START, cpus, virtio)?;
+/// `pm_timer` names the ACPI PM timer in the FADT: for kvm-unit-tests, not for Linux, whose TSC is
+/// its clocksource and which would take the PM timer, a VM exit per read, as the TSC's watchdog.
+pub fn setup(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioWindow], pm_timer: bool) -> Result<u64, Error> {
+    let tables = build(ACPI_TABLES_START, cpus, virtio, pm_timer)?;
     for (addr, table) in &tables.placed {
         mem.write_slice(table, GuestAddress(*addr)).map_err(Error::Write)?;
     }
@@ -265,7 +274,7 @@ mod tests {
 
     #[test]
     fn every_checksum_adds_up_and_lengths_match() {
-        let t = build(ACPI_TABLES_START, 4, &windows(3)).unwrap();
+        let t = build(ACPI_TABLES_START, 4, &windows(3), false).unwrap();
         let rsdp = table(&t, t.rsdp_addr);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
@@ -279,7 +288,7 @@ mod tests {
 
     #[test]
     fn pointers_lead_from_the_rsdp_to_every_table() {
-        let t = build(ACPI_TABLES_START, 2, &windows(1)).unwrap();
+        let t = build(ACPI_TABLES_START, 2, &windows(1), false).unwrap();
         let xsdt = table(&t, u64_at(table(&t, t.rsdp_addr), 24));
         assert_eq!(&xsdt[..4], b"XSDT");
         let entries: Vec<&[u8]> = (36..xsdt.len()).step_by(8).map(|o| table(&t, u64_at(xsdt, o))).collect();
@@ -290,6 +299,12 @@ mod tests {
         assert_eq!(&table(&t, u64_at(fadt, 140))[..4], b"DSDT");
         let flags = u32_at(fadt, 112);
         assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        // No PM timer (PM_TMR_BLK at offset 76) unless asked for.
+        assert_eq!(u32_at(fadt, 76), 0);
+        let with_timer = super::fadt(0, true);
+        assert_eq!((u32_at(&with_timer, 76), with_timer[91]), (PM_TIMER_PORT as u32, 4));
+        assert_eq!(u64_at(&with_timer, 208 + 4), PM_TIMER_PORT);
+        assert_eq!(sum(&with_timer), 0);
         assert_ne!(flags & Flags::ResetRegSup as u32, 0);
         // Sleep control (offset 244) and reset (116) registers are nvmm's ports.
         assert_eq!((fadt[244], u64_at(fadt, 248)), (AddressSpace::SystemIo as u8, ACPI_PM_PORT + acpi_pm::SLEEP_CONTROL));
@@ -351,11 +366,11 @@ mod tests {
     #[test]
     fn the_largest_machine_fits_and_lands_in_guest_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp = setup(&mem, crate::config::MAX_CPUS, &windows(19)).unwrap();
+        let rsdp = setup(&mem, crate::config::MAX_CPUS, &windows(19), true).unwrap();
         assert_eq!(rsdp, ACPI_TABLES_START);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
-        assert!(matches!(build(ACPI_TABLES_END - 64, 1, &[]), Err(Error::TooLarge(_))));
+        assert!(matches!(build(ACPI_TABLES_END - 64, 1, &[], false), Err(Error::TooLarge(_))));
     }
 }

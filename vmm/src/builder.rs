@@ -11,7 +11,7 @@ use kvm_ioctls::{Cap, Kvm};
 
 use crate::acpi;
 use crate::api::server::{self as api_server, ApiServer};
-use crate::boot::{self, BootExtras};
+use crate::boot::{self, BootExtras, Entry};
 use crate::config::{DiskConfig, NetConfig, RestoreConfig, VmConfig};
 use crate::cpuid;
 use crate::devices::{self, ConsoleInput, ExitWatcher, Legacy, Subscriber};
@@ -112,16 +112,24 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     // The MP table is always there, for kernels built without ACPI; a kernel with ACPI prefers
     // the MADT. Devices are described once: in the DSDT, or on the command line.
     mptable::setup(&vm.mem, config.cpus)?;
-    let mut cmdline = guest_cmdline(config, &host);
-    let rsdp = if config.acpi {
-        Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows)?)
+    let multiboot = matches!(kernel.entry, Entry::Multiboot { .. });
+    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows, multiboot)?) } else { None };
+    if multiboot {
+        let cmdline = config.cmdline.as_deref().unwrap_or("");
+        let module = config.initrd.as_deref().zip(initrd);
+        boot::write_multiboot_info(&vm.mem, &kernel, cmdline, module, config.mem_bytes)?;
     } else {
-        cmdline = crate::virtio::cmdline_with_devices(&cmdline, &virtio.windows)?;
-        None
-    };
-    boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
-    boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
+        let mut cmdline = guest_cmdline(config, &host);
+        if !config.acpi {
+            cmdline = crate::virtio::cmdline_with_devices(&cmdline, &virtio.windows)?;
+        }
+        boot::load_cmdline_checked(&vm.mem, &kernel, &cmdline)?;
+        boot::write_boot_params(&vm.mem, &kernel, cmdline.len(), BootExtras { initrd, rsdp }, config.mem_bytes)?;
+    }
     stages.mark("tables", start);
+
+    let exit = exit_signal()?;
+    devices::setup_test_devices(&mut io, config, multiboot && config.acpi, exit.clone())?;
 
     let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
     let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
@@ -129,7 +137,7 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     stages.mark("vcpus", start);
 
     let machine = machine_of(config, &virtio);
-    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: false, start, stages })
+    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, exit, paused: false, start, stages })
 }
 
 /// Starts the VM saved in `restore.dir` where it stopped, and returns how it ended.
@@ -181,7 +189,9 @@ pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit
     log::info!("restored from {} in {:.1} ms (process start to vCPU threads starting)", restore.dir.display(), start.elapsed().as_secs_f64() * 1000.0);
     let mut stages = StartupStages::default();
     stages.mark("restore", start);
-    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused: restore.paused, start, stages })
+    // The kvm-unit-tests devices (fw_cfg, PM timer, debug-exit) are not part of a snapshot: a
+    // restored VM has none.
+    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, exit: exit_signal()?, paused: restore.paused, start, stages })
 }
 
 /// What both builds hand over to [`launch`].
@@ -195,16 +205,21 @@ struct Launch {
     virtio: Attached,
     vcpus: Vec<Vcpu>,
     machine: Machine,
+    /// How the VM ends; devices that end it (debug-exit) hold it already.
+    exit: Arc<ExitSignal>,
     paused: bool,
     start: Instant,
     stages: StartupStages,
 }
 
+fn exit_signal() -> Result<Arc<ExitSignal>, Error> {
+    Ok(Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?))
+}
+
 /// Starts the console, the device loops, the API and the vCPU threads, then runs the VM.
 fn launch(l: Launch) -> Result<VmExit, Error> {
-    let Launch { mut api, kvm, host, vm, io, legacy, virtio, vcpus, machine, paused, start, mut stages } = l;
+    let Launch { mut api, kvm, host, vm, io, legacy, virtio, vcpus, machine, exit, paused, start, mut stages } = l;
     let spec = Arc::new(save_spec(&kvm, &host, machine.nested)?);
-    let exit = Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
@@ -316,7 +331,7 @@ fn check_consistent(snap: &Snapshot) -> Result<(), Error> {
 /// The user's command line, plus the guest's layer when ours is known, so `nvmm check` inside the
 /// guest can say which layer it runs at.
 fn guest_cmdline(config: &VmConfig, host: &Host) -> String {
-    let mut cmdline = config.cmdline.clone();
+    let mut cmdline = config.linux_cmdline().to_string();
     if let Some(layer) = host.layer.number() {
         if !cmdline.split_whitespace().any(|w| w.starts_with(crate::host::LAYER_PARAM)) {
             cmdline.push_str(&format!(" {}={}", crate::host::LAYER_PARAM, layer + 1));

@@ -60,9 +60,12 @@ pub struct RunArgs {
     /// Initial ramdisk (cpio, optionally compressed as the kernel supports).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line. With --no-acpi, virtio_mmio.device= entries for --disk/--net are appended.
-    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Kernel command line; for Linux the default is "console=ttyS0 reboot=k panic=1 i8042.noaux
+    /// i8042.nomux i8042.dumbkbd" and, with --no-acpi, virtio_mmio.device= entries for --disk/--net
+    /// are appended. A Multiboot kernel gets exactly what is given (none by default).
+    /// May start with '-' (kvm-unit-tests' `-test` exclusions do).
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
     /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_mem)]
     pub mem: u64,
@@ -99,6 +102,10 @@ pub struct RunArgs {
     /// With --restore: leave the VM paused until `PUT /vm/resume`.
     #[arg(long)]
     pub paused: bool,
+    /// A guest write of V to port 0xf4 ends nvmm with exit status (V << 1) | 1, as QEMU's
+    /// isa-debug-exit (kvm-unit-tests report pass, fail and skip this way).
+    #[arg(long)]
+    pub debug_exit: bool,
 }
 
 /// What the command line asks to run.
@@ -157,7 +164,7 @@ impl RunArgs {
 
     pub fn into_config(self) -> Result<VmConfig, Error> {
         Ok(VmConfig {
-            acpi: config::wants_acpi(self.no_acpi, &self.cmdline),
+            acpi: config::wants_acpi(self.no_acpi, self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)),
             kernel: self.kernel.ok_or(Error::NoKernel)?,
             initrd: self.initrd,
             cmdline: self.cmdline,
@@ -169,6 +176,7 @@ impl RunArgs {
             entry: self.entry,
             api_socket: self.api_socket,
             seccomp: self.seccomp,
+            debug_exit: self.debug_exit,
         })
     }
 }
@@ -186,10 +194,15 @@ mod tests {
         let c = parse(&["--kernel", "/k"]).unwrap().run.into_config().unwrap();
         assert_eq!(c.mem_bytes, 256 << 20);
         assert_eq!(c.cpus, 1);
-        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.cmdline, None);
+        assert_eq!(c.linux_cmdline(), DEFAULT_CMDLINE);
         assert!(!c.nested);
         assert!(c.acpi);
         assert_eq!(c.seccomp, crate::seccomp::Mode::On);
+        assert!(!c.debug_exit);
+        let c = parse(&["--kernel", "/k", "--cmdline", "-pause_filter_test -x", "--debug-exit"]).unwrap().run.into_config().unwrap();
+        assert_eq!(c.cmdline.as_deref(), Some("-pause_filter_test -x"));
+        assert!(parse(&["--kernel", "/k", "--debug-exit"]).unwrap().run.into_config().unwrap().debug_exit);
         let c = parse(&["--kernel", "/k", "--no-acpi"]).unwrap().run.into_config().unwrap();
         assert!(!c.acpi);
     }

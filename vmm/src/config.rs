@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    /// The user's `--cmdline`, if given. A Linux kernel gets [`DEFAULT_CMDLINE`] without one, a
+    /// Multiboot kernel an empty line (it would read each word as an argument of its own).
+    pub cmdline: Option<String>,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
     pub cpus: u8,
@@ -24,6 +26,15 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Seccomp filters on every thread (off, log, on).
     pub seccomp: crate::seccomp::Mode,
+    /// QEMU's isa-debug-exit on port 0xf4: a guest write of V ends nvmm with status (V << 1) | 1.
+    pub debug_exit: bool,
+}
+
+impl VmConfig {
+    /// The command line a Linux kernel gets, before nvmm's own additions.
+    pub fn linux_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
 }
 
 /// `nvmm --restore DIR`: a VM saved by `PUT /vm/snapshot`, started again.

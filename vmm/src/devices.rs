@@ -9,11 +9,15 @@ use std::time::Instant;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nvmm_devices::acpi_pm::{self, AcpiPm, ACPI_PM_PORT};
 use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use nvmm_devices::debug_exit::{self, DebugExit};
+use nvmm_devices::fw_cfg::{self, FwCfg};
 use nvmm_devices::i8042::{self, I8042, I8042State};
+use nvmm_devices::pm_timer::{self, PmTimer};
 use nvmm_devices::serial::{self, InputRoom, SerialPort, SerialPortState};
 use nvmm_devices::trigger::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::VmConfig;
 use crate::vcpu::{ExitSignal, IoBuses, VmExit};
 use crate::vm::Vm;
 
@@ -86,6 +90,22 @@ impl Legacy {
         self.i8042.lock().unwrap_or_else(|e| e.into_inner()).restore(i8042);
         Ok(())
     }
+}
+
+/// The devices of QEMU's PC that kvm-unit-tests talk to: fw_cfg (always: it only answers what the
+/// guest asks), the ACPI PM timer when the FADT names it, and the debug-exit port when asked for,
+/// which ends the VM through `exit`.
+pub fn setup_test_devices(io: &mut IoBuses, config: &VmConfig, pm_timer: bool, exit: Arc<ExitSignal>) -> Result<(), Error> {
+    let fw_cfg = FwCfg::new(config.cpus.into(), config.mem_bytes);
+    io.pio.insert(fw_cfg::FW_CFG_PORT, fw_cfg::PORT_COUNT, Arc::new(Mutex::new(fw_cfg)))?;
+    if pm_timer {
+        io.pio.insert(pm_timer::PM_TIMER_PORT, pm_timer::PORT_COUNT, Arc::new(Mutex::new(PmTimer::new())))?;
+    }
+    if config.debug_exit {
+        let dev = DebugExit::new(Box::new(move |status| exit.exit(VmExit::DebugExit(status))));
+        io.pio.insert(debug_exit::DEBUG_EXIT_PORT, debug_exit::PORT_COUNT, Arc::new(Mutex::new(dev)))?;
+    }
+    Ok(())
 }
 
 /// Feeds the host's stdin to the guest's serial port, only as fast as the guest reads it: once the

@@ -22,11 +22,7 @@ fn main() -> ExitCode {
     nvmm::logger::init(cli.log_level);
     nvmm::logger::install_panic_hook();
     let status = match cli.command {
-        None => match run(cli.run, start) {
-            // An orderly stop on SIGTERM or SIGINT ends as shells report that signal.
-            Ok(()) => nvmm::signals::received().map_or(ExitCode::SUCCESS, |sig| ExitCode::from(nvmm::signals::exit_status(sig))),
-            Err(msg) => report(Err(msg)),
-        },
+        None => run(cli.run, start),
         Some(Command::Check { json }) => check(json),
         Some(Command::Bench { what: BenchCommand::Exits(args) }) => report(nvmm::bench::exits(args)),
         Some(Command::Ctl { socket, command }) => report(ctl(&socket, &command)),
@@ -74,13 +70,22 @@ fn check(json: bool) -> ExitCode {
     }
 }
 
-fn run(args: RunArgs, start: Instant) -> Result<(), String> {
-    let exit = match args.into_run().map_err(|e| e.to_string())? {
-        Run::Boot(config) => nvmm::builder::build_and_run(&config, start),
-        Run::Restore(restore) => nvmm::builder::restore_and_run(&restore, start),
-    };
-    match exit.map_err(|e| e.to_string())? {
-        VmExit::Reset | VmExit::PowerOff | VmExit::Shutdown => Ok(()),
-        VmExit::Error(msg) => Err(format!("the VM stopped: {msg}")),
+/// The guest's own status when it asked for one through the debug-exit port; after an orderly
+/// stop on SIGTERM or SIGINT, the status shells report for that signal; else 0 or the error.
+fn run(args: RunArgs, start: Instant) -> ExitCode {
+    let result = args.into_run().map_err(|e| e.to_string()).and_then(|run| {
+        match run {
+            Run::Boot(config) => nvmm::builder::build_and_run(&config, start),
+            Run::Restore(restore) => nvmm::builder::restore_and_run(&restore, start),
+        }
+        .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(VmExit::DebugExit(status)) => ExitCode::from(status),
+        Ok(VmExit::Reset | VmExit::PowerOff | VmExit::Shutdown) => {
+            nvmm::signals::received().map_or(ExitCode::SUCCESS, |sig| ExitCode::from(nvmm::signals::exit_status(sig)))
+        }
+        Ok(VmExit::Error(msg)) => report(Err(format!("the VM stopped: {msg}"))),
+        Err(msg) => report(Err(msg)),
     }
 }

@@ -220,6 +220,7 @@ impl Vmm {
                     VmExit::PowerOff => log::info!("the guest powered off"),
                     VmExit::Shutdown if crate::signals::received().is_some() => {}
                     VmExit::Shutdown => log::info!("shut down through the API"),
+                    VmExit::DebugExit(status) => log::info!("the guest asked for exit status {status}"),
                     VmExit::Error(_) => {}
                 }
                 break why;

@@ -276,6 +276,8 @@ impl Runner {
                             VmExit::PowerOff => "it powered off".to_string(),
                             // Only the API asks for this, and the bench has no API.
                             VmExit::Shutdown => "it was shut down".to_string(),
+                            // The bench guest has no debug-exit port either.
+                            VmExit::DebugExit(status) => format!("it asked for exit status {status}"),
                             VmExit::Error(msg) => msg,
                         };
                         let rip = self.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);

@@ -1,7 +1,9 @@
-//! Loading a Linux kernel (bzImage or ELF vmlinux), its initrd and command line into guest memory,
-//! and choosing the entry protocol: the 64-bit Linux boot protocol or PVH.
+//! Loading a kernel (a Linux bzImage or ELF vmlinux, or a Multiboot kernel), its initrd and command
+//! line into guest memory, and choosing the entry protocol: the 64-bit Linux boot protocol, PVH, or
+//! Multiboot.
 
 mod linux;
+pub mod multiboot;
 mod pvh;
 
 use std::fs::File;
@@ -18,6 +20,9 @@ use crate::memory::{self, layout};
 /// x86's COMMAND_LINE_SIZE, the limit for kernels that do not state their own (ELF vmlinux).
 const DEFAULT_CMDLINE_SIZE: usize = 2048;
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// e_ident's class byte; a 32-bit ELF is not a vmlinux (but may be a Multiboot kernel).
+const ELF_CLASS: usize = 4;
+const ELFCLASS64: u8 = 2;
 const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
 /// Boot protocol 2.06 is the first with `cmdline_size`, 2.10 the first with `init_size`.
@@ -35,8 +40,10 @@ pub enum Error {
     Open { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot use {path} as the {what}: it is {kind}, not a regular file")]
     NotRegular { what: &'static str, path: PathBuf, kind: &'static str },
-    #[error("{0} is not a Linux kernel: expected a bzImage or an ELF vmlinux")]
+    #[error("{0} is not a Linux kernel or a Multiboot kernel: expected a bzImage, an ELF vmlinux, or a Multiboot header in the first 8 KiB")]
     NotAKernel(PathBuf),
+    #[error(transparent)]
+    Multiboot(#[from] multiboot::Error),
     #[error("cannot load kernel {path}: {reason} (a truncated or corrupt image?)")]
     Load { path: PathBuf, reason: linux_loader::loader::Error },
     #[error("--entry pvh: kernel {0} has no PVH entry note (build it with CONFIG_PVH=y, or use --entry 64bit)")]
@@ -64,6 +71,9 @@ pub enum Entry {
     Linux64 { rip: u64 },
     /// PVH: 32-bit protected mode without paging, RBX points at `hvm_start_info`.
     Pvh { rip: u64 },
+    /// Multiboot: 32-bit protected mode without paging, EAX holds the boot loader magic and EBX
+    /// points at the Multiboot information.
+    Multiboot { rip: u64 },
 }
 
 /// The kernel as loaded into guest memory, before boot parameters are written.
@@ -85,6 +95,12 @@ pub struct InitrdRegion {
 enum Format {
     BzImage,
     Elf,
+}
+
+/// What `--kernel` turned out to be.
+enum Detected {
+    Linux(Format),
+    Multiboot { image: Vec<u8>, header: multiboot::Header },
 }
 
 /// Opens a kernel or initrd, refusing anything but a regular file before reading a byte: a FIFO
@@ -120,15 +136,23 @@ fn file_kind(kind: &std::fs::FileType) -> &'static str {
     }
 }
 
-fn detect_format(file: &mut File, path: &Path) -> Result<Format, Error> {
-    let mut head = [0u8; BZIMAGE_MAGIC_OFFSET + 4];
+/// A 64-bit ELF or a bzImage is Linux; anything else (an ELF32 included) may carry a Multiboot header.
+fn detect_format(file: &mut File, path: &Path) -> Result<Detected, Error> {
+    let mut head = vec![0u8; multiboot::SEARCH_LIMIT];
     let n = read_prefix(file, &mut head).map_err(|source| Error::Open { what: "kernel", path: path.into(), source })?;
-    if n >= 4 && &head[..4] == ELF_MAGIC {
-        Ok(Format::Elf)
-    } else if n == head.len() && &head[BZIMAGE_MAGIC_OFFSET..] == BZIMAGE_MAGIC {
-        Ok(Format::BzImage)
-    } else {
-        Err(Error::NotAKernel(path.into()))
+    let head = &head[..n];
+    if head.len() > ELF_CLASS && &head[..4] == ELF_MAGIC && head[ELF_CLASS] == ELFCLASS64 {
+        return Ok(Detected::Linux(Format::Elf));
+    }
+    if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
+        return Ok(Detected::Linux(Format::BzImage));
+    }
+    match multiboot::find_header(path, head)? {
+        Some(header) => {
+            let image = std::fs::read(path).map_err(|source| Error::Open { what: "kernel", path: path.into(), source })?;
+            Ok(Detected::Multiboot { image, header })
+        }
+        None => Err(Error::NotAKernel(path.into())),
     }
 }
 
@@ -149,7 +173,10 @@ fn read_prefix(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Loads the kernel at `path` into `mem` and decides the entry protocol.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, choice: EntryChoice) -> Result<LoadedKernel, Error> {
     let mut file = open("kernel", path)?;
-    let format = detect_format(&mut file, path)?;
+    let format = match detect_format(&mut file, path)? {
+        Detected::Linux(format) => format,
+        Detected::Multiboot { image, header } => return load_multiboot(mem, path, &image, &header),
+    };
     let load_err = |reason| Error::Load { path: path.into(), reason };
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let mem_size = memory::size(mem);
@@ -193,6 +220,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, choice: EntryChoice) -> R
         return Err(Error::KernelTooBig { path: path.into(), need_mib: result.kernel_end >> 20, have_mib: mem_size >> 20 });
     }
     Ok(LoadedKernel { path: path.into(), result, entry, cmdline_max })
+}
+
+fn load_multiboot(mem: &GuestMemoryMmap, path: &Path, image: &[u8], header: &multiboot::Header) -> Result<LoadedKernel, Error> {
+    let loaded = multiboot::load(mem, path, image, header)?;
+    let result = KernelLoaderResult { kernel_load: GuestAddress(loaded.start), kernel_end: loaded.end, ..Default::default() };
+    let entry = Entry::Multiboot { rip: loaded.entry.into() };
+    Ok(LoadedKernel { path: path.into(), result, entry, cmdline_max: layout::CMDLINE_MAX_SIZE - 1 })
 }
 
 /// The highest physical address an ELF's loadable segments reach, or None if the headers are unreadable
@@ -266,8 +300,12 @@ pub fn load_initrd(mem: &GuestMemoryMmap, kernel: &LoadedKernel, path: &Path) ->
         limit = limit.min(u64::from(hdr.initrd_addr_max) + 1);
     }
     let too_big = || Error::InitrdTooBig { path: path.into(), size_mib: size.div_ceil(1 << 20), limit };
-    let addr = limit.checked_sub(size).ok_or_else(too_big)? & !(PAGE_SIZE - 1);
-    if addr < kernel.result.kernel_end {
+    let addr = match kernel.entry {
+        // A Multiboot kernel's module goes right after it, as QEMU puts it.
+        Entry::Multiboot { .. } => multiboot::module_address(kernel.result.kernel_end),
+        _ => limit.checked_sub(size).ok_or_else(too_big)? & !(PAGE_SIZE - 1),
+    };
+    if addr < kernel.result.kernel_end || addr.saturating_add(size) > limit {
         return Err(too_big());
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
@@ -305,8 +343,21 @@ pub fn write_boot_params(
     match kernel.entry {
         Entry::Linux64 { .. } => linux::write_zero_page(mem, kernel.result.setup_header, cmdline_len, extras, &e820),
         Entry::Pvh { .. } => pvh::write_start_info(mem, extras, &e820),
+        Entry::Multiboot { .. } => return Err(Error::BootParams("a Multiboot kernel takes write_multiboot_info".into())),
     }
     .map_err(|e| Error::BootParams(e.to_string()))
+}
+
+/// Writes a Multiboot kernel's information structure: `cmdline` is the user's, without anything
+/// nvmm adds for Linux (a Multiboot kernel reads every word as its own argument).
+pub fn write_multiboot_info(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &str,
+    initrd: Option<(&Path, InitrdRegion)>,
+    mem_size: u64,
+) -> Result<(), Error> {
+    Ok(multiboot::write_info(mem, &kernel.path, cmdline, initrd, &memory::e820_map(mem_size))?)
 }
 
 /// Reads back a value written to guest memory; for tests.

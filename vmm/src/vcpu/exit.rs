@@ -15,6 +15,8 @@ pub enum VmExit {
     PowerOff,
     /// An API client asked for a shutdown; the disks are flushed.
     Shutdown,
+    /// The guest wrote to the debug-exit port (`--debug-exit`): nvmm exits with this status.
+    DebugExit(u8),
     /// Something went wrong; the message says what.
     Error(String),
 }

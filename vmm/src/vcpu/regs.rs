@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msr
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::boot::Entry;
+use crate::boot::{multiboot, Entry};
 use crate::memory::layout::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +127,11 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: Entry) -> Result<(), Error> {
             regs.rip = rip;
             regs.rbx = PVH_INFO_START;
         }
+        Entry::Multiboot { rip } => {
+            regs.rip = rip;
+            regs.rax = multiboot::BOOTLOADER_MAGIC.into();
+            regs.rbx = multiboot::INFO_START;
+        }
     }
     vcpu.set_regs(&regs).map_err(Error::SetRegs)
 }
@@ -135,7 +140,7 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: Entry) -> Result<(), Error> {
 pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: Entry) -> Result<[u64; 4], Error> {
     let (code, tss) = match entry {
         Entry::Linux64 { .. } => (GDT_CODE64, GDT_TSS64),
-        Entry::Pvh { .. } => (GDT_CODE32, GDT_TSS32),
+        Entry::Pvh { .. } | Entry::Multiboot { .. } => (GDT_CODE32, GDT_TSS32),
     };
     let gdt = [0, gdt_entry(code, 0, 0xfffff), gdt_entry(GDT_DATA, 0, 0xfffff), gdt_entry(tss, 0, 0xfffff)];
     let w = |val: u64, addr: u64| mem.write_obj(val, GuestAddress(addr)).map_err(Error::WriteMemory);
