@@ -64,12 +64,20 @@ done
 kut="$REPO_ROOT/build/kvm-unit-tests"
 tarball="$REPO_ROOT/../shared/third_party/kvm-unit-tests-1da1819e.tar.gz"
 [ -f "$tarball" ] || tarball=/work/shared/third_party/kvm-unit-tests-1da1819e.tar.gz
-if [ ! -f "$kut/x86/vmexit.flat" ]; then
+# Concurrent runs (the lab tests build the suite from two test threads) wait for each other, and
+# only a build that finished counts: a half-built tree is built again from a fresh extract.
+mkdir -p "$REPO_ROOT/build"
+exec 9>"$REPO_ROOT/build/.kvm-unit-tests.lock"
+flock 9
+if [ ! -f "$kut/.nvmm-built" ]; then
     [ -f "$tarball" ] || { echo "kvm-unit-tests.sh: no $tarball" >&2; exit 1; }
+    rm -rf "$kut"
     mkdir -p "$kut"
     tar -xzf "$tarball" -C "$kut" --strip-components=1
     (cd "$kut" && ./configure >/dev/null && make -j2 >/dev/null) || { echo "kvm-unit-tests.sh: the suite does not build" >&2; exit 1; }
+    touch "$kut/.nvmm-built"
 fi
+flock -u 9
 if [ "$build_only" = 1 ]; then
     echo "$kut/x86"
     exit 0
