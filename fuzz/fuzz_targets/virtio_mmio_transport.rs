@@ -10,38 +10,18 @@
 
 #![no_main]
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
 use nvmm_devices::bus::BusDevice;
 use nvmm_devices::virtio::{Block, BlockConfig, MmioTransport, MMIO_LEN};
-use nvmm_fuzz::{AVAIL_RING, DESC_TABLE, USED_RING};
+use nvmm_fuzz::{disk_image, AVAIL_RING, DESC_TABLE, DISK_LEN, USED_RING};
 
-const DISK_LEN: u64 = 0x1_0000;
 const MAX_OPS: usize = 256;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-/// One unlinked image for the whole run; each input's device opens it afresh through /proc, so
-/// that its lock is taken and dropped like a real disk's.
-fn image() -> &'static File {
-    static IMAGE: OnceLock<File> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("nvmm-fuzz-mmio-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .expect("cannot create the disk image");
-        let _ = std::fs::remove_file(&path);
-        file.set_len(DISK_LEN).expect("cannot size the disk image");
-        file
-    })
-}
 
 fn write32(t: &mut MmioTransport, offset: u64, value: u32) {
     t.write(offset, &value.to_le_bytes());
@@ -77,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let (script, memory) = rest.split_at(ops * 8);
     let (mem, _shape) = nvmm_fuzz::memory(memory);
-    let path = format!("/proc/self/fd/{}", image().as_raw_fd());
+    let path = format!("/proc/self/fd/{}", disk_image().as_raw_fd());
     let block = Block::new(BlockConfig { path: path.into(), read_only: false, id: Some("fuzz".into()) })
         .expect("cannot open the disk image");
     let block = Arc::new(Mutex::new(block));
@@ -100,6 +80,6 @@ fuzz_target!(|data: &[u8]| {
             _ => handshake(&mut transport, u32::from(op[3]) + 1),
         }
     }
-    let len = image().metadata().map(|m| m.len()).ok();
+    let len = disk_image().metadata().map(|m| m.len()).ok();
     assert_eq!(len, Some(DISK_LEN), "requests never grow the image");
 });

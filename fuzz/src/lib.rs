@@ -11,6 +11,9 @@
 //! queue's rings sit at fixed addresses; descriptor addresses may point anywhere, in guest memory
 //! or not.
 
+use std::fs::File;
+use std::sync::OnceLock;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -21,6 +24,26 @@ pub const AVAIL_RING: u64 = 0x100;
 pub const USED_RING: u64 = 0x200;
 /// Where the third region starts when bit 1 of the shape asks for it.
 pub const HIGH_REGION: u64 = 0x2_0000;
+/// The size of the disk image the block targets run against.
+pub const DISK_LEN: u64 = 0x1_0000;
+
+/// One disk image of [`DISK_LEN`] bytes for the whole run, created once and unlinked at once, so
+/// nothing is left behind; a target opens or dups it for each input.
+pub fn disk_image() -> &'static File {
+    static IMAGE: OnceLock<File> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("nvmm-fuzz-disk-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .expect("cannot create the disk image");
+        let _ = std::fs::remove_file(&path);
+        file.set_len(DISK_LEN).expect("cannot size the disk image");
+        file
+    })
+}
 
 /// How guest memory is laid out and the queue runs (see the module docs).
 #[derive(Debug, Clone, Copy)]
