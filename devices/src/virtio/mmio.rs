@@ -587,14 +587,13 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{guest_memory, FakeDevice, MmioDriver, QueueLayout};
+    use crate::virtio::test_utils::{fake_transport, guest_memory, FakeDevice, MmioDriver, QueueLayout};
     use crate::virtio::INTERRUPT_USED_BUFFER;
 
     const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << 3) | (1 << 40);
 
     fn transport() -> (MmioTransport, Arc<Mutex<FakeDevice>>) {
-        let dev = Arc::new(Mutex::new(FakeDevice::new(OFFERED, &[16, 8])));
-        (MmioTransport::new(guest_memory(), dev.clone()), dev)
+        fake_transport(OFFERED)
     }
 
     #[test]
@@ -837,14 +836,13 @@ mod tests {
 #[cfg(test)]
 mod persist_tests {
     use super::*;
-    use crate::virtio::test_utils::{guest_memory, FakeDevice, MmioDriver, QueueLayout};
+    use crate::virtio::test_utils::{fake_transport, FakeDevice, MmioDriver, QueueLayout};
     use crate::virtio::{DeviceState, INTERRUPT_USED_BUFFER};
 
     const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
     fn transport() -> (MmioTransport, Arc<Mutex<FakeDevice>>) {
-        let dev = Arc::new(Mutex::new(FakeDevice::new(OFFERED, &[16, 8])));
-        (MmioTransport::new(guest_memory(), dev.clone()), dev)
+        fake_transport(OFFERED)
     }
 
     /// A running device saved with moved indexes and a pending interrupt comes back, in a new

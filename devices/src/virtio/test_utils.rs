@@ -1,7 +1,7 @@
 //! Helpers shared by the virtio unit tests: guest memory, a driver that speaks MMIO registers, a
 //! device that records what the transport does to it, and descriptor chain builders.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -290,4 +290,11 @@ pub fn under_ci() -> bool {
 pub fn skip(why: &str) {
     assert!(!under_ci(), "test skipped under CI: {why}");
     eprintln!("skipped: {why}");
+}
+
+/// A transport over [`guest_memory`] in front of a [`FakeDevice`] that offers `offered`, with
+/// queues of 16 and 8 entries; the device is returned too, for the test to look at.
+pub fn fake_transport(offered: u64) -> (MmioTransport, Arc<Mutex<FakeDevice>>) {
+    let dev = Arc::new(Mutex::new(FakeDevice::new(offered, &[16, 8])));
+    (MmioTransport::new(guest_memory(), dev.clone()), dev)
 }
