@@ -11,10 +11,14 @@ import sys
 
 # 124: coreutils timeout; 143: busybox timeout's SIGTERM; 127: kvm-unit-tests' unhandled exception
 # (exit code 0x3f).
+# How each VMM's own errors begin (QEMU's warnings are not errors).
+VMM_ERROR = {"nvmm": re.compile(r"nvmm: error:"), "qemu": re.compile(r"qemu-system-x86_64: (?!warning)")}
 STATUS = {"1": "PASS", "3": "FAIL", "77": "SKIP", "124": "TIMEOUT", "143": "TIMEOUT", "127": "CRASH"}
 
 
 def parse(path):
+    """Results by (layer, VMM, test). A VMM's own failure exits 1 like a pass through debug-exit
+    (QEMU's too), so a status 1 with the VMM's error line in the log is ERR(1), not PASS."""
     results, logs, order = {}, {}, []
     for line in open(path, errors="replace"):
         line = line.replace("\r", "").rstrip("\n")
@@ -25,6 +29,9 @@ def parse(path):
                 order.append(name)
         elif m := re.search(r"KUT-LOG (L\d) (\w+) (\S+): (.*)", line):
             logs.setdefault(m.groups()[:3], []).append(m.group(4))
+    for key, lines in logs.items():
+        if results.get(key) == "PASS" and any(VMM_ERROR[key[1]].match(l) for l in lines):
+            results[key] = "ERR(1)"
     return results, logs, order
 
 

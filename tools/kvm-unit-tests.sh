@@ -39,9 +39,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # - virq_inject_within_shadow: fails under both (the virtual interrupt lands in the STI shadow);
 # - host_rflags: hangs under both (single-stepping over VMRUN);
 # - msr_intercept_check, svm_exception_test: QEMU dies on an unhandled #DB, #BP there (nvmm passes
-#   msr_intercept_check), which would end every later subtest under QEMU.
+#   msr_intercept_check), which would end every later subtest under QEMU;
+# - svm_lbrv_test0 to svm_lbrv_test3: fail under both (TCG records no last branch, so DEBUGCTL.LBR
+#   and the branch MSRs read back 0).
 SVM_EXCLUDED="-latency_run_exit -latency_run_exit_clean -latency_svm_insn -sel_cr0_lmsw_intercept -exc_inject
-    -virq_inject_within_shadow -host_rflags -msr_intercept_check -svm_exception_test"
+    -virq_inject_within_shadow -host_rflags -msr_intercept_check -svm_exception_test
+    -svm_lbrv_test0 -svm_lbrv_test1 -svm_lbrv_test2 -svm_lbrv_test3"
 SVM_EXCLUDED="$(echo $SVM_EXCLUDED)"
 # Tests run at L2 unless --tests says otherwise: svm, the vmexit group, and ten more.
 L2_TESTS="vmexit_cpuid,vmexit_vmcall,vmexit_mov_to_cr8,vmexit_inl_pmtimer,vmexit_ipi,vmexit_tscdeadline,vmexit_mov_from_cr8,vmexit_ipi_halt,vmexit_tscdeadline_immed,vmexit_cr0_wp,vmexit_cr4_pge,vmexit_ple_round_robin,svm_npt,msr,smptest,setjmp,tsc,hypercall,idt_test,eventinj,rmap_chain,debug,umip,syscall,xapic,emulator,svm"
