@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod guest;
+pub mod multiboot;
 pub mod net;
 pub mod running;
 pub mod tiny;

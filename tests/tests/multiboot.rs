@@ -4,11 +4,9 @@
 
 use std::path::PathBuf;
 
+use nvmm_tests::multiboot::{header, FLAG_ADDRESSES, LOAD_ADDR};
 use nvmm_tests::{assert_one_line_error, run_nvmm, scratch_dir};
 
-const HEADER_MAGIC: u32 = 0x1bad_b002;
-const FLAG_ADDRESSES: u32 = 1 << 16;
-const LOAD_ADDR: u32 = 0x10_0000;
 /// What the kernel writes to port 0xf4 when EAX does not hold the boot loader magic.
 const BAD_MAGIC_VALUE: u8 = 0x7f;
 /// The kernel writes this plus its module count to port 0xf4.
@@ -45,26 +43,9 @@ fn code() -> Vec<u8> {
     c
 }
 
-fn header(flags: u32, addresses: Option<[u32; 5]>, checksum_error: u32) -> Vec<u8> {
-    let mut h = Vec::new();
-    let checksum = 0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags)).wrapping_add(checksum_error);
-    for v in [HEADER_MAGIC, flags, checksum] {
-        h.extend(v.to_le_bytes());
-    }
-    for v in addresses.into_iter().flatten() {
-        h.extend(v.to_le_bytes());
-    }
-    h
-}
-
-/// A kernel that carries its load addresses: header at the file's start, code after it, loaded
-/// at `load` (1 MiB normally).
+/// A kernel that carries its load addresses, loaded at `load` (1 MiB normally).
 fn address_kernel(load: u32) -> Vec<u8> {
-    let code = code();
-    let end = load + 32 + code.len() as u32;
-    let mut k = header(FLAG_ADDRESSES, Some([load, load, end, end + 0x1000, load + 32]), 0);
-    k.extend(code);
-    k
+    nvmm_tests::multiboot::address_kernel(&code(), load)
 }
 
 /// The same code as an ELF32 executable whose one segment (header, then code) loads at 2 MiB.

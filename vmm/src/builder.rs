@@ -14,7 +14,7 @@ use crate::api::server::{self as api_server, ApiServer};
 use crate::boot::{self, BootExtras, Entry};
 use crate::config::{DiskConfig, NetConfig, RestoreConfig, VmConfig};
 use crate::cpuid;
-use crate::devices::{self, ConsoleInput, ExitWatcher, Legacy, Subscriber};
+use crate::devices::{self, ConsoleInput, ExitWatcher, Legacy, Subscriber, TestDevices};
 use crate::host::{Host, Vendor};
 use crate::kvm;
 use crate::mailbox::mailbox;
@@ -113,7 +113,8 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     // the MADT. Devices are described once: in the DSDT, or on the command line.
     mptable::setup(&vm.mem, config.cpus)?;
     let multiboot = matches!(kernel.entry, Entry::Multiboot { .. });
-    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows, multiboot)?) } else { None };
+    let machine = machine_of(config, &virtio, multiboot);
+    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows, machine.pm_timer)?) } else { None };
     if multiboot {
         let cmdline = config.cmdline.as_deref().unwrap_or("");
         let module = config.initrd.as_deref().zip(initrd);
@@ -129,15 +130,14 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     stages.mark("tables", start);
 
     let exit = exit_signal()?;
-    devices::setup_test_devices(&mut io, config, multiboot && config.acpi, exit.clone())?;
+    let test_devices = devices::setup_test_devices(&mut io, &machine, exit.clone())?;
 
     let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
     let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
     stages.mark("vcpus", start);
 
-    let machine = machine_of(config, &virtio);
-    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, exit, paused: false, start, stages })
+    launch(Launch { api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, exit, paused: false, start, stages })
 }
 
 /// Starts the VM saved in `restore.dir` where it stopped, and returns how it ended.
@@ -149,7 +149,8 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
 /// 3. the VM, then its PIT, kvmclock, PICs and IOAPIC, before any vCPU: the vCPUs' kvmclock MSRs
 ///    refer to a clock that already reads the saved time;
 /// 4. the devices, built exactly as for a boot (disks and TAPs reopened by the recorded paths and
-///    names), each disk checked against its recorded size;
+///    names, the kvm-unit-tests devices the snapshot records), each disk checked against its
+///    recorded size;
 /// 5. the vCPUs, each restored in the order `vcpu/persist.rs` gives;
 /// 6. the devices' own state, last: loading it raises the interrupts that were due again, and an
 ///    edge is lost unless the IOAPIC's routes and the LAPICs it targets are already restored;
@@ -174,6 +175,8 @@ pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit
     let (disks, nets) = device_configs(&machine);
     let virtio = crate::virtio::attach(&vm, &mut io, &disks, &nets)?;
     check_disks(&machine.disks, &virtio)?;
+    let exit = exit_signal()?;
+    let test_devices = devices::setup_test_devices(&mut io, &machine, exit.clone())?;
 
     let mut vcpus = Vec::with_capacity(snap.vcpus.len());
     for state in &snap.vcpus {
@@ -183,15 +186,14 @@ pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit
     }
 
     legacy.restore(&snap.devices.serial, &snap.devices.i8042)?;
+    test_devices.restore(&snap.devices.test_devices);
     for (transport, state) in virtio.transports.iter().zip(&snap.devices.virtio) {
         transport.lock().unwrap_or_else(|e| e.into_inner()).restore(state)?;
     }
     log::info!("restored from {} in {:.1} ms (process start to vCPU threads starting)", restore.dir.display(), start.elapsed().as_secs_f64() * 1000.0);
     let mut stages = StartupStages::default();
     stages.mark("restore", start);
-    // The kvm-unit-tests devices (fw_cfg, PM timer, debug-exit) are not part of a snapshot: a
-    // restored VM has none.
-    launch(Launch { api, kvm, host, vm, io, legacy, virtio, vcpus, machine, exit: exit_signal()?, paused: restore.paused, start, stages })
+    launch(Launch { api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, exit, paused: restore.paused, start, stages })
 }
 
 /// What both builds hand over to [`launch`].
@@ -202,6 +204,7 @@ struct Launch {
     vm: Vm,
     io: IoBuses,
     legacy: Legacy,
+    test_devices: TestDevices,
     virtio: Attached,
     vcpus: Vec<Vcpu>,
     machine: Machine,
@@ -218,7 +221,7 @@ fn exit_signal() -> Result<Arc<ExitSignal>, Error> {
 
 /// Starts the console, the device loops, the API and the vCPU threads, then runs the VM.
 fn launch(l: Launch) -> Result<VmExit, Error> {
-    let Launch { mut api, kvm, host, vm, io, legacy, virtio, vcpus, machine, exit, paused, start, mut stages } = l;
+    let Launch { mut api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, exit, paused, start, mut stages } = l;
     let spec = Arc::new(save_spec(&kvm, &host, machine.nested)?);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
@@ -241,7 +244,7 @@ fn launch(l: Launch) -> Result<VmExit, Error> {
     let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone(), paused, start)).collect::<Result<_, _>>()?;
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
     let facts = Facts { cpus: machine.cpus, mem_bytes: machine.mem_bytes, layer: host.layer.number(), nested: machine.nested, started: start, stages };
-    let persisted = Persisted { machine, spec, serial: legacy.serial, i8042: legacy.i8042, transports: virtio.transports };
+    let persisted = Persisted { machine, spec, serial: legacy.serial, i8042: legacy.i8042, test_devices, transports: virtio.transports };
     let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts, persisted, paused })?;
     Ok(vmm.run()?)
 }
@@ -276,8 +279,9 @@ fn save_spec(kvm: &Kvm, host: &Host, nested: bool) -> Result<SaveSpec, Error> {
     Ok(SaveSpec::new(listed.as_slice(), nested && host.vendor == Vendor::Intel, nested))
 }
 
-/// The machine as a snapshot records it.
-fn machine_of(config: &VmConfig, virtio: &Attached) -> Machine {
+/// The machine as a snapshot records it. A Multiboot kernel (kvm-unit-tests) with ACPI gets the
+/// PM timer its FADT names.
+fn machine_of(config: &VmConfig, virtio: &Attached, multiboot: bool) -> Machine {
     let disks = config
         .disks
         .iter()
@@ -290,7 +294,16 @@ fn machine_of(config: &VmConfig, virtio: &Attached) -> Machine {
         })
         .collect();
     let nets = config.nets.iter().map(|n| NetRecord { tap: n.tap.clone(), mac: n.mac.clone() }).collect();
-    Machine { mem_bytes: config.mem_bytes, cpus: config.cpus, nested: config.nested, acpi: config.acpi, disks, nets }
+    Machine {
+        mem_bytes: config.mem_bytes,
+        cpus: config.cpus,
+        nested: config.nested,
+        acpi: config.acpi,
+        disks,
+        nets,
+        pm_timer: multiboot && config.acpi,
+        debug_exit: config.debug_exit,
+    }
 }
 
 /// The devices a snapshot records, as the configuration that builds them.
@@ -320,6 +333,10 @@ fn check_consistent(snap: &Snapshot) -> Result<(), Error> {
     let devices = m.disks.len() + m.nets.len();
     if snap.devices.virtio.len() != devices {
         return Err(Error::Inconsistent(format!("{} virtio states for {devices} devices", snap.devices.virtio.len())));
+    }
+    if snap.devices.test_devices.pm_timer.is_some() != m.pm_timer {
+        let (has, saved) = if m.pm_timer { ("has a", "none") } else { ("has no", "one") };
+        return Err(Error::Inconsistent(format!("the machine {has} PM timer, and {saved} is saved")));
     }
     let ram: u64 = snap.memory.iter().map(|r| r.len).sum();
     if ram != m.mem_bytes {
@@ -374,6 +391,16 @@ mod tests {
         ] {
             let e = check_consistent(&bad).unwrap_err().to_string();
             assert_eq!(e, format!("the snapshot is inconsistent: {what}"));
+        }
+        // A PM timer's state goes with a machine that has one, and only with it.
+        let mut timer_without_state = snapshot(1, 1, 64 << 20);
+        timer_without_state.machine.pm_timer = true;
+        let mut state_without_timer = snapshot(1, 1, 64 << 20);
+        state_without_timer.devices.test_devices.pm_timer = Some(Default::default());
+        for (bad, what) in
+            [(timer_without_state, "the machine has a PM timer, and none is saved"), (state_without_timer, "the machine has no PM timer, and one is saved")]
+        {
+            assert_eq!(check_consistent(&bad).unwrap_err().to_string(), format!("the snapshot is inconsistent: {what}"));
         }
     }
 

@@ -17,7 +17,7 @@ use nvmm_devices::serial::{self, InputRoom, SerialPort, SerialPortState};
 use nvmm_devices::trigger::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::snapshot::{Machine, TestDevicesState};
 use crate::vcpu::{ExitSignal, IoBuses, VmExit};
 use crate::vm::Vm;
 
@@ -92,20 +92,48 @@ impl Legacy {
     }
 }
 
-/// The devices of QEMU's PC that kvm-unit-tests talk to: fw_cfg (always: it only answers what the
-/// guest asks), the ACPI PM timer when the FADT names it, and the debug-exit port when asked for,
-/// which ends the VM through `exit`.
-pub fn setup_test_devices(io: &mut IoBuses, config: &VmConfig, pm_timer: bool, exit: Arc<ExitSignal>) -> Result<(), Error> {
-    let fw_cfg = FwCfg::new(config.cpus.into(), config.mem_bytes);
-    io.pio.insert(fw_cfg::FW_CFG_PORT, fw_cfg::PORT_COUNT, Arc::new(Mutex::new(fw_cfg)))?;
-    if pm_timer {
-        io.pio.insert(pm_timer::PM_TIMER_PORT, pm_timer::PORT_COUNT, Arc::new(Mutex::new(PmTimer::new())))?;
-    }
-    if config.debug_exit {
+/// The kvm-unit-tests devices that keep state, for a snapshot.
+pub struct TestDevices {
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
+    pub pm_timer: Option<Arc<Mutex<PmTimer>>>,
+}
+
+/// The devices of QEMU's PC that kvm-unit-tests talk to, those `machine` has: fw_cfg (always: it
+/// only answers what the guest asks), the ACPI PM timer (when the FADT names it), and the
+/// debug-exit port (when asked for), which ends the VM through `exit`. The same for a boot and a
+/// restore.
+pub fn setup_test_devices(io: &mut IoBuses, machine: &Machine, exit: Arc<ExitSignal>) -> Result<TestDevices, Error> {
+    let fw_cfg = Arc::new(Mutex::new(FwCfg::new(machine.cpus.into(), machine.mem_bytes)));
+    io.pio.insert(fw_cfg::FW_CFG_PORT, fw_cfg::PORT_COUNT, fw_cfg.clone())?;
+    let pm_timer = if machine.pm_timer {
+        let timer = Arc::new(Mutex::new(PmTimer::new()));
+        io.pio.insert(pm_timer::PM_TIMER_PORT, pm_timer::PORT_COUNT, timer.clone())?;
+        Some(timer)
+    } else {
+        None
+    };
+    if machine.debug_exit {
         let dev = DebugExit::new(Box::new(move |status| exit.exit(VmExit::DebugExit(status))));
         io.pio.insert(debug_exit::DEBUG_EXIT_PORT, debug_exit::PORT_COUNT, Arc::new(Mutex::new(dev)))?;
     }
-    Ok(())
+    Ok(TestDevices { fw_cfg, pm_timer })
+}
+
+impl TestDevices {
+    pub fn save(&self) -> TestDevicesState {
+        TestDevicesState {
+            fw_cfg: self.fw_cfg.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            pm_timer: self.pm_timer.as_ref().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save()),
+        }
+    }
+
+    /// Loads the saved state; a PM timer with none saved (the builder refuses that) runs on fresh.
+    pub fn restore(&self, state: &TestDevicesState) {
+        self.fw_cfg.lock().unwrap_or_else(|e| e.into_inner()).restore(&state.fw_cfg);
+        if let (Some(timer), Some(saved)) = (&self.pm_timer, &state.pm_timer) {
+            timer.lock().unwrap_or_else(|e| e.into_inner()).restore(saved);
+        }
+    }
 }
 
 /// Feeds the host's stdin to the guest's serial port, only as fast as the guest reads it: once the

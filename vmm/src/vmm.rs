@@ -24,7 +24,7 @@ use crate::api::{self, Action, ApiError, Call, Status};
 use crate::snapshot::{self, DevicesState, Machine, Snapshot};
 use crate::vcpu::persist::SaveSpec;
 use crate::device_loop::{self, DeviceLoop};
-use crate::devices::Subscriber;
+use crate::devices::{Subscriber, TestDevices};
 use crate::mailbox::Inbox;
 use crate::memory;
 use crate::vcpu::profile::VcpuProfile;
@@ -156,6 +156,7 @@ pub struct Persisted {
     pub spec: Arc<SaveSpec>,
     pub serial: Arc<Mutex<SerialPort>>,
     pub i8042: Arc<Mutex<I8042>>,
+    pub test_devices: TestDevices,
     /// One per virtio-mmio window, in window order.
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
@@ -308,6 +309,7 @@ impl Vmm {
             serial: p.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
             i8042: p.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
             virtio: p.transports.iter().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save()).collect(),
+            test_devices: p.test_devices.save(),
         };
         let state = Snapshot { machine: p.machine.clone(), memory: Vec::new(), vm, vcpus, devices };
         let written = snapshot::save(destination, &self.vm.mem, state).map_err(Error::Snapshot)?;

@@ -1,4 +1,5 @@
-//! Seccomp filters, one per kind of thread, from the rules in `resources/seccomp/x86_64.json`.
+//! Seccomp filters, one per kind of thread, from the rules in `resources/seccomp/x86_64.json`,
+//! compiled to BPF at build time (`vmm/build/seccomp.rs`): nvmm parses no JSON when it starts.
 //!
 //! The main thread installs its filter first thing in `builder::build_and_run`, so every thread
 //! started afterwards (vCPUs, device loops, the API thread and tiny_http's own threads) runs under
@@ -10,18 +11,21 @@
 mod names;
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, TargetArch};
+use seccompiler::sock_filter;
 
-/// The rules, as data (see `resources/seccomp/README.md`).
-const RULES: &str = include_str!("../../../resources/seccomp/x86_64.json");
+/// The BPF programs the build compiled from the rules: `TRAP` and `LOG`, each a table of
+/// `(filter name, program)` with the default action of `--seccomp on` and `--seccomp log`.
+mod compiled {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
+}
+
+/// A table of compiled filters, by filter name.
+type Filters = &'static [(&'static str, &'static [sock_filter])];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("seccomp rules (resources/seccomp/x86_64.json): {0}")]
-    Rules(String),
     #[error("seccomp rules have no filter for the {0} thread")]
     NoFilter(&'static str),
     #[error("cannot install the seccomp filter of the {thread} thread: {err}")]
@@ -53,6 +57,8 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
+    const ALL: [ThreadKind; 4] = [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Block, ThreadKind::Net];
+
     fn filter_name(self) -> &'static str {
         match self {
             ThreadKind::Main => "main",
@@ -63,36 +69,32 @@ impl ThreadKind {
     }
 }
 
-/// The compiled filters, once `--seccomp` is not `off`.
-static FILTERS: OnceLock<HashMap<String, BpfProgram>> = OnceLock::new();
+/// The filters of the `--seccomp` mode, once it is not `off`.
+static FILTERS: OnceLock<Filters> = OnceLock::new();
 
-/// Compiles the rules for `mode` (with its default action).
-fn compile(mode: Mode) -> Result<HashMap<String, BpfProgram>, Error> {
-    let action = match mode {
-        Mode::Log => "log",
-        _ => "trap",
-    };
-    let mut rules: serde_json::Value = serde_json::from_str(RULES).map_err(|e| Error::Rules(e.to_string()))?;
-    if let Some(filters) = rules.as_object_mut() {
-        for filter in filters.values_mut() {
-            filter["default_action"] = serde_json::Value::from(action);
-        }
+/// The compiled filters of `mode`; none for `off`.
+fn filters_of(mode: Mode) -> Option<Filters> {
+    match mode {
+        Mode::Off => None,
+        Mode::Log => Some(compiled::LOG),
+        Mode::On => Some(compiled::TRAP),
     }
-    let json = serde_json::to_vec(&rules).map_err(|e| Error::Rules(e.to_string()))?;
-    seccompiler::compile_from_json(json.as_slice(), TargetArch::x86_64).map_err(|e| Error::Rules(e.to_string()))
 }
 
-/// Compiles the filters, installs the SIGSYS handler and confines the calling (main) thread.
-/// Nothing at all with `Mode::Off`.
+/// The program of `kind` in `filters`.
+fn filter(filters: Filters, kind: ThreadKind) -> Result<&'static [sock_filter], Error> {
+    let name = kind.filter_name();
+    filters.iter().find(|(n, _)| *n == name).map(|(_, program)| *program).ok_or(Error::NoFilter(name))
+}
+
+/// Installs the SIGSYS handler and confines the calling (main) thread with the filters of
+/// `mode`. Nothing at all with `Mode::Off`.
 pub fn install(mode: Mode) -> Result<(), Error> {
-    if mode == Mode::Off {
+    let Some(filters) = filters_of(mode) else {
         return Ok(());
-    }
-    let filters = compile(mode)?;
-    for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Block, ThreadKind::Net] {
-        if !filters.contains_key(kind.filter_name()) {
-            return Err(Error::NoFilter(kind.filter_name()));
-        }
+    };
+    for kind in ThreadKind::ALL {
+        filter(filters, kind)?;
     }
     install_sigsys_handler()?;
     // A second install (tests) keeps the first set: the rules are the same.
@@ -103,12 +105,12 @@ pub fn install(mode: Mode) -> Result<(), Error> {
 /// Confines the calling thread, named `name` in messages, with the filter of `kind`, on top of the
 /// main thread's it inherited. Does nothing when filters are off.
 pub fn enter(kind: ThreadKind, name: &str) -> Result<(), Error> {
-    let Some(filters) = FILTERS.get() else {
+    let Some(&filters) = FILTERS.get() else {
         return Ok(());
     };
     set_thread_name(name);
-    let filter = filters.get(kind.filter_name()).ok_or(Error::NoFilter(kind.filter_name()))?;
-    seccompiler::apply_filter(filter).map_err(|err| Error::Apply { thread: name.to_string(), err })?;
+    let program = filter(filters, kind)?;
+    seccompiler::apply_filter(program).map_err(|err| Error::Apply { thread: name.to_string(), err })?;
     probe(kind);
     Ok(())
 }
@@ -228,14 +230,33 @@ impl LineBuf {
 mod tests {
     use super::*;
 
+    /// The rules, for checks of the JSON itself.
+    const RULES: &str = include_str!("../../../resources/seccomp/x86_64.json");
+
+    /// The actions a program can end a call with (`ret #k`).
+    fn returns(program: &[sock_filter]) -> Vec<u32> {
+        let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+        program.iter().filter(|i| i.code == ret).map(|i| i.k).collect()
+    }
+
+    /// Each mode's table has exactly one non-empty program per kind of thread, and a program
+    /// ends a forbidden call with its mode's action (the build replaced the default action), never
+    /// the other mode's.
     #[test]
-    fn the_rules_compile_in_both_modes_with_every_filter() {
-        for mode in [Mode::On, Mode::Log] {
-            let f = compile(mode).unwrap();
-            for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Block, ThreadKind::Net] {
-                assert!(!f[kind.filter_name()].is_empty(), "{kind:?}");
+    fn the_embedded_filters_are_one_program_per_thread_kind_in_both_modes() {
+        for (mode, action, other) in [(Mode::On, libc::SECCOMP_RET_TRAP, libc::SECCOMP_RET_LOG), (Mode::Log, libc::SECCOMP_RET_LOG, libc::SECCOMP_RET_TRAP)] {
+            let filters = filters_of(mode).unwrap();
+            assert_eq!(filters.len(), ThreadKind::ALL.len(), "{mode:?}");
+            for kind in ThreadKind::ALL {
+                assert_eq!(filters.iter().filter(|(n, _)| *n == kind.filter_name()).count(), 1, "{mode:?} {kind:?}");
+                let program = filter(filters, kind).unwrap();
+                assert!(!program.is_empty(), "{mode:?} {kind:?}");
+                let returns = returns(program);
+                assert!(returns.contains(&action) && !returns.contains(&other), "{mode:?} {kind:?}: {returns:x?}");
+                assert!(returns.contains(&libc::SECCOMP_RET_ALLOW), "{mode:?} {kind:?}: {returns:x?}");
             }
         }
+        assert!(filters_of(Mode::Off).is_none());
     }
 
     /// seccompiler drops an unconditional rule for a call that also has conditional ones (only the

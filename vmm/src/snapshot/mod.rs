@@ -17,7 +17,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use nvmm_devices::fw_cfg::FwCfgState;
 use nvmm_devices::i8042::I8042State;
+use nvmm_devices::pm_timer::PmTimerState;
 use nvmm_devices::serial::SerialPortState;
 use nvmm_devices::virtio::TransportState;
 use serde::{Deserialize, Serialize};
@@ -77,6 +79,10 @@ pub struct NetRecord {
 }
 
 /// The machine's shape: what building it again needs (the kernel is in memory already).
+///
+/// Fields added after format version 1 was first written carry `#[serde(default)]`: a snapshot
+/// written before them still loads, with what its restore built then (no PM timer, no
+/// debug-exit port).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
     pub mem_bytes: u64,
@@ -85,6 +91,12 @@ pub struct Machine {
     pub acpi: bool,
     pub disks: Vec<DiskRecord>,
     pub nets: Vec<NetRecord>,
+    /// The ACPI PM timer (a Multiboot kernel with ACPI has one).
+    #[serde(default)]
+    pub pm_timer: bool,
+    /// `--debug-exit`: the guest may end nvmm through port 0xf4.
+    #[serde(default)]
+    pub debug_exit: bool,
 }
 
 /// Every device's own state, in bus order.
@@ -94,6 +106,17 @@ pub struct DevicesState {
     pub i8042: I8042State,
     /// One per virtio-mmio window, in window order (disks first, then nets, as built).
     pub virtio: Vec<TransportState>,
+    /// Missing from snapshots written before it: their fw_cfg restores fresh, without a PM timer.
+    #[serde(default)]
+    pub test_devices: TestDevicesState,
+}
+
+/// The state of the kvm-unit-tests devices that have one (the debug-exit port has none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestDevicesState {
+    pub fw_cfg: FwCfgState,
+    /// There when the machine has a PM timer (`Machine::pm_timer`).
+    pub pm_timer: Option<PmTimerState>,
 }
 
 /// The whole state file.
@@ -221,5 +244,27 @@ mod tests {
         assert!(load_state(dir.as_path()).unwrap_err().to_string().ends_with("not an nvmm snapshot state file (no NVMMSNAP magic)"));
         std::fs::write(dir.as_path().join(STATE_FILE), format::encode(b"{}")).unwrap();
         assert!(load_state(dir.as_path()).unwrap_err().to_string().contains("the state does not parse"));
+    }
+
+    /// A state file written before the kvm-unit-tests devices were recorded has none of their
+    /// fields; it loads, with no PM timer, no debug-exit port and a fresh fw_cfg.
+    #[test]
+    fn a_snapshot_without_the_test_devices_still_loads() {
+        let machine = Machine { mem_bytes: 1 << 20, cpus: 1, nested: false, acpi: true, disks: Vec::new(), nets: Vec::new(), pm_timer: true, debug_exit: true };
+        let mut json = serde_json::to_value(&machine).unwrap();
+        json.as_object_mut().unwrap().retain(|k, _| k != "pm_timer" && k != "debug_exit");
+        let old: Machine = serde_json::from_value(json).unwrap();
+        assert_eq!(old, Machine { pm_timer: false, debug_exit: false, ..machine });
+
+        let devices = DevicesState {
+            serial: SerialPortState::default(),
+            i8042: I8042State::default(),
+            virtio: Vec::new(),
+            test_devices: TestDevicesState { fw_cfg: FwCfgState { selected: 5, offset: 1 }, pm_timer: Some(PmTimerState { count: 7 }) },
+        };
+        let mut json = serde_json::to_value(&devices).unwrap();
+        assert!(json.as_object_mut().unwrap().remove("test_devices").is_some());
+        let old: DevicesState = serde_json::from_value(json).unwrap();
+        assert_eq!(old.test_devices, TestDevicesState::default());
     }
 }
