@@ -1,4 +1,4 @@
-//! Hand-assembled guests, no Linux, as ELF64 executables entered at their 64-bit entry. They run on
+//! Tiny guests, assembled with iced-x86, no Linux, as ELF64 executables entered at their 64-bit entry. They run on
 //! this machine's own /dev/kvm, PVM included, where Linux cannot.
 //!
 //! - [`elf`]: writes a banner to COM1 (port I/O exits), reads the virtio-mmio magic and device ID at
@@ -9,67 +9,98 @@
 
 use std::path::Path;
 
+use iced_x86::code_asm::*;
+
 pub const BANNER: &str = "nvmm tiny guest: ";
 /// Where the guest's code is loaded and entered (the loader requires >= 1 MiB).
 const LOAD_ADDR: u64 = 0x10_0000;
 const CODE_OFFSET: usize = 0x1000;
 
-/// The guest's machine code, with the banner after it.
-fn code() -> Vec<u8> {
-    let mut c: Vec<u8> = Vec::new();
-    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    let lea_at = c.len();
-    c.extend([0x48, 0x8d, 0x35, 0, 0, 0, 0]); // lea rsi, [rip + banner]
-    c.push(0xb9); // mov ecx, banner length
-    c.extend((BANNER.len() as u32).to_le_bytes());
-    c.extend([0xac, 0xee, 0xe2, 0xfc]); // 1: lodsb; out dx, al; loop 1b
-    c.extend([0xbb, 0x00, 0x00, 0x00, 0xd0]); // mov ebx, 0xd0000000 (first virtio-mmio window)
-    c.extend([0x8b, 0x03]); // mov eax, [rbx]: magic
-    for i in 0..4 {
-        c.push(0xee); // out dx, al
-        if i < 3 {
-            c.extend([0xc1, 0xe8, 0x08]); // shr eax, 8
-        }
-    }
-    c.extend([0x8b, 0x43, 0x08]); // mov eax, [rbx + 8]: device ID
-    c.extend([0x04, b'0', 0xee]); // add al, '0'; out dx, al
-    c.extend([0xb0, b'\n', 0xee]); // newline
-    c.extend([0x66, 0xba, 0x40, 0x04, 0xb0, 123, 0xee]); // boot timer: out 0x440, 123
-    c.extend([0xb0, 0xfe, 0xe6, 0x64]); // i8042: out 0x64, 0xfe (reset)
-    c.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp back, should the reset not land
-    let banner_at = c.len();
-    c.extend(BANNER.as_bytes());
-    let rel = (banner_at - (lea_at + 7)) as i32;
-    c[lea_at + 3..lea_at + 7].copy_from_slice(&rel.to_le_bytes());
-    c
+// The ports the guests use.
+const COM1_DATA: u32 = 0x3f8;
+const COM1_LSR: u32 = 0x3fd;
+/// LSR bit 0: a received byte is waiting.
+const LSR_DATA_READY: u32 = 0x01;
+/// nvmm's boot-timer port, and the value that reports the boot time.
+const BOOT_TIMER_PORT: u32 = 0x440;
+const BOOT_TIMER_MAGIC: u32 = 123;
+/// The i8042's command port, and the command that pulses the reset line.
+const I8042_COMMAND: u32 = 0x64;
+const I8042_RESET: u32 = 0xfe;
+
+/// A label on the next instruction, for the jumps back to it.
+pub fn here(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
+    let mut label = a.create_label();
+    a.set_label(&mut label)?;
+    Ok(label)
 }
 
-/// The counting guest's machine code.
-fn counter_code() -> Vec<u8> {
-    let mut c: Vec<u8> = Vec::new();
-    c.extend([0x31, 0xdb]); // xor ebx, ebx: the count
-    let top = c.len();
-    c.extend([0xff, 0xc3]); // top: inc ebx
-    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend([0x89, 0xde]); // mov esi, ebx
-    c.extend([0xb9, 8, 0, 0, 0]); // mov ecx, 8 (hex digits)
-    let digit = c.len();
-    c.extend([0xc1, 0xc6, 0x04]); // digit: rol esi, 4 (most significant nibble first)
-    c.extend([0x89, 0xf0]); // mov eax, esi
-    c.extend([0x24, 0x0f]); // and al, 0x0f
-    c.extend([0x04, b'0']); // add al, '0'
-    c.extend([0x3c, b'9', 0x76, 0x02]); // cmp al, '9'; jbe +2
-    c.extend([0x04, b'A' - b'9' - 1]); // add al, 'A' - '9' - 1
-    c.extend([0xee]); // out dx, al
-    c.push(0xe2); // loop digit
-    c.push(rel8(c.len() + 1, digit));
-    c.extend([0xb0, b'\n', 0xee]); // mov al, '\n'; out dx, al
-    c.push(0xb9); // mov ecx, COUNTER_DELAY
-    c.extend(COUNTER_DELAY.to_le_bytes());
-    c.extend([0xe2, 0xfe]); // loop $ (the busy wait)
-    c.push(0xeb); // jmp top
-    c.push(rel8(c.len() + 1, top));
-    c
+/// The 64-bit guest that `build` assembles at its load address, as an ELF64 executable.
+fn guest(build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).expect("a 64-bit assembler");
+    build(&mut a).expect("a tiny guest's instructions");
+    elf_of(a.assemble(LOAD_ADDR).expect("assemble a tiny guest"))
+}
+
+/// The banner guest: the banner, then the bytes of the magic, the device ID as a digit and a
+/// newline, all on COM1; then the boot-timer write and the reset.
+fn banner(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut text = a.create_label();
+    a.mov(dx, COM1_DATA)?;
+    a.lea(rsi, ptr(text))?;
+    a.mov(ecx, BANNER.len() as u32)?;
+    let print = here(a)?;
+    a.lodsb()?;
+    a.out(dx, al)?;
+    a.loop_(print)?;
+    a.mov(ebx, VIRTIO_MMIO_BASE)?;
+    // One MMIO read each for the magic and the device ID: the tests count them.
+    a.mov(eax, dword_ptr(rbx + MMIO_MAGIC))?;
+    for i in 0..4 {
+        a.out(dx, al)?;
+        if i < 3 {
+            a.shr(eax, 8)?;
+        }
+    }
+    a.mov(eax, dword_ptr(rbx + MMIO_DEVICE_ID))?;
+    a.add(al, '0' as u32)?;
+    a.out(dx, al)?;
+    a.mov(al, '\n' as u32)?;
+    a.out(dx, al)?;
+    a.mov(dx, BOOT_TIMER_PORT)?;
+    a.mov(al, BOOT_TIMER_MAGIC)?;
+    a.out(dx, al)?;
+    reset(a)?;
+    a.set_label(&mut text)?;
+    a.db(BANNER.as_bytes())
+}
+
+/// The counting guest: one line of 8 hex digits per count, a busy wait between lines.
+fn counter(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.xor(ebx, ebx)?; // the count
+    let top = here(a)?;
+    a.inc(ebx)?;
+    a.mov(dx, COM1_DATA)?;
+    a.mov(esi, ebx)?;
+    a.mov(ecx, 8u32)?; // hex digits
+    let digit = here(a)?;
+    a.rol(esi, 4)?; // most significant nibble first
+    a.mov(eax, esi)?;
+    a.and(al, 0x0f)?;
+    a.add(al, '0' as u32)?;
+    let mut put = a.create_label();
+    a.cmp(al, '9' as u32)?;
+    a.jbe(put)?;
+    a.add(al, 'A' as u32 - '9' as u32 - 1)?;
+    a.set_label(&mut put)?;
+    a.out(dx, al)?;
+    a.loop_(digit)?;
+    a.mov(al, '\n' as u32)?;
+    a.out(dx, al)?;
+    a.mov(ecx, COUNTER_DELAY)?;
+    let wait = here(a)?;
+    a.loop_(wait)?;
+    a.jmp(top)
 }
 
 /// Iterations of the busy wait between two lines of the counting guest. At CPL 0 on a PVM host
@@ -77,21 +108,14 @@ fn counter_code() -> Vec<u8> {
 /// lines a second there.
 const COUNTER_DELAY: u32 = 20_000;
 
-/// A backward rel8 from the end of a jump instruction (`from`) to `to`.
-fn rel8(from: usize, to: usize) -> u8 {
-    let d = to as isize - from as isize;
-    assert!((-128..0).contains(&d), "jump out of rel8 range");
-    d as i8 as u8
-}
-
 /// The counting guest.
 pub fn counter_elf() -> Vec<u8> {
-    elf_of(counter_code())
+    guest(counter)
 }
 
 /// The banner guest.
 pub fn elf() -> Vec<u8> {
-    elf_of(code())
+    guest(banner)
 }
 
 /// `code` as an ELF64 executable with one PT_LOAD segment.
@@ -128,103 +152,35 @@ pub fn write_counter_elf(path: &Path) {
     std::fs::write(path, counter_elf()).expect("write counting guest");
 }
 
-/// A few x86-64 instructions, encoded by hand, for guests that attack nvmm from inside: enough to
-/// fill guest memory, poke MMIO registers in a loop and end.
-#[derive(Default)]
-pub struct Asm(Vec<u8>);
-
 /// The first virtio-mmio window, where the first `--disk` or `--net` device sits.
 pub const VIRTIO_MMIO_BASE: u32 = 0xd000_0000;
 
-impl Asm {
-    /// `mov ebx, imm32`: rbx is the base for [`Asm::mmio32`].
-    pub fn mov_ebx(mut self, imm: u32) -> Self {
-        self.0.push(0xbb);
-        self.0.extend(imm.to_le_bytes());
-        self
-    }
+/// Pulses the i8042 reset line, which ends nvmm with status 0; halts should the reset not land.
+fn reset(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(al, I8042_RESET)?;
+    a.out(I8042_COMMAND, al)?;
+    let halt = here(a)?;
+    a.hlt()?;
+    a.jmp(halt)
+}
 
-    /// `mov edi, imm32`: rdi is the base for [`Asm::ram32`] and [`Asm::add_ram16`].
-    pub fn mov_edi(mut self, imm: u32) -> Self {
-        self.0.push(0xbf);
-        self.0.extend(imm.to_le_bytes());
-        self
-    }
+/// Sleeps for good: interrupts off, then hlt, which KVM's in-kernel LAPIC handles without coming
+/// back to nvmm.
+fn halt_forever(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.cli()?;
+    let halt = here(a)?;
+    a.hlt()?;
+    a.jmp(halt)
+}
 
-    /// `mov ecx, imm32`: the count for [`Asm::loop_back`].
-    pub fn mov_ecx(mut self, imm: u32) -> Self {
-        self.0.push(0xb9);
-        self.0.extend(imm.to_le_bytes());
-        self
-    }
-
-    /// `mov dword [rbx + disp32], imm32`.
-    pub fn mmio32(mut self, disp: u32, imm: u32) -> Self {
-        self.0.extend([0xc7, 0x83]);
-        self.0.extend(disp.to_le_bytes());
-        self.0.extend(imm.to_le_bytes());
-        self
-    }
-
-    /// `mov dword [rdi + disp32], imm32`.
-    pub fn ram32(mut self, disp: u32, imm: u32) -> Self {
-        self.0.extend([0xc7, 0x87]);
-        self.0.extend(disp.to_le_bytes());
-        self.0.extend(imm.to_le_bytes());
-        self
-    }
-
-    /// `add word [rdi + disp32], imm16`.
-    pub fn add_ram16(mut self, disp: u32, imm: u16) -> Self {
-        self.0.extend([0x66, 0x81, 0x87]);
-        self.0.extend(disp.to_le_bytes());
-        self.0.extend(imm.to_le_bytes());
-        self
-    }
-
-    /// Where the next instruction goes, for [`Asm::loop_back`].
-    pub fn here(&self) -> usize {
-        self.0.len()
-    }
-
-    /// `loop target`: decrements rcx and jumps back while it is not zero.
-    pub fn loop_back(mut self, target: usize) -> Self {
-        self.0.push(0xe2);
-        let from = self.0.len() + 1;
-        self.0.push(rel8(from, target));
-        self
-    }
-
-    /// Busy-waits `n` iterations (`mov edx, n; 1: dec edx; jnz 1b`), leaving rcx alone.
-    pub fn delay(mut self, n: u32) -> Self {
-        self.0.push(0xba);
-        self.0.extend(n.to_le_bytes());
-        self.0.extend([0xff, 0xca, 0x75, 0xfc]);
-        self
-    }
-
-    /// Pulses the i8042 reset line, which ends nvmm with status 0.
-    pub fn reset(mut self) -> Self {
-        self.0.extend([0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
-        self.0.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp back, should the reset not land
-        self
-    }
-
-    /// Sleeps for good: interrupts off, then hlt, which KVM's in-kernel LAPIC handles without
-    /// coming back to nvmm.
-    pub fn halt_forever(mut self) -> Self {
-        self.0.extend([0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp back to the hlt
-        self
-    }
-
-    /// The guest as an ELF64 executable.
-    pub fn elf(self) -> Vec<u8> {
-        elf_of(self.0)
-    }
+/// `mov dword [rbx + reg], value`: rbx holds the virtio-mmio window.
+fn mmio32(a: &mut CodeAssembler, reg: u32, value: u32) -> Result<(), IcedError> {
+    a.mov(dword_ptr(rbx + reg), value)
 }
 
 // virtio-mmio register offsets (virtio 1.2, 4.2.2), for the guests below.
 const MMIO_MAGIC: u32 = 0x000;
+const MMIO_DEVICE_ID: u32 = 0x008;
 const MMIO_DRIVER_FEATURES: u32 = 0x020;
 const MMIO_DRIVER_FEATURES_SEL: u32 = 0x024;
 const MMIO_QUEUE_SEL: u32 = 0x030;
@@ -239,9 +195,14 @@ const MMIO_QUEUE_USED_LOW: u32 = 0x0a0;
 /// Writes `count` times to the first virtio-mmio device's read-only magic register (each write
 /// is a warning nvmm could log), then resets.
 pub fn register_flood_elf(count: u32) -> Vec<u8> {
-    let a = Asm::default().mov_ebx(VIRTIO_MMIO_BASE).mov_ecx(count);
-    let top = a.here();
-    a.mmio32(MMIO_MAGIC, 0).loop_back(top).reset().elf()
+    guest(|a| {
+        a.mov(ebx, VIRTIO_MMIO_BASE)?;
+        a.mov(ecx, count)?;
+        let top = here(a)?;
+        mmio32(a, MMIO_MAGIC, 0)?;
+        a.loop_(top)?;
+        reset(a)
+    })
 }
 
 /// Iterations of the refill guest's wait between rounds: at CPL 0 on a PVM host each one is
@@ -262,45 +223,79 @@ pub const REFILL_QUEUE_SIZE: u32 = 256;
 /// through an ioeventfd, sees most rounds one by one (an index that moved by more than a ring at
 /// once is refused before any chain is taken). Then resets.
 pub fn rx_refill_elf(rounds: u32) -> Vec<u8> {
-    const RX: u32 = 0x20_0000; // descriptor table; avail ring at +0x1000, used ring at +0x2000
+    // Each queue's descriptor table, then its available ring and used ring at these offsets.
+    const RX: u32 = 0x20_0000;
     const TX: u32 = 0x21_0000;
+    const AVAIL: u32 = 0x1000;
+    const USED: u32 = 0x2000;
+    /// The available ring's index, after its flags.
+    const AVAIL_IDX: u32 = AVAIL + 2;
     const BUFFER: u32 = 0x30_0000;
-    let mut a = Asm::default().mov_ebx(VIRTIO_MMIO_BASE);
-    // Handshake (virtio 1.2, 3.1.1): ACKNOWLEDGE, DRIVER, VIRTIO_F_VERSION_1 only, FEATURES_OK.
-    a = a.mmio32(MMIO_STATUS, 1).mmio32(MMIO_STATUS, 3);
-    a = a.mmio32(MMIO_DRIVER_FEATURES_SEL, 1).mmio32(MMIO_DRIVER_FEATURES, 1);
-    a = a.mmio32(MMIO_DRIVER_FEATURES_SEL, 0).mmio32(MMIO_DRIVER_FEATURES, 0);
-    a = a.mmio32(MMIO_STATUS, 11);
-    for (queue, base) in [(0, RX), (1, TX)] {
-        a = a.mmio32(MMIO_QUEUE_SEL, queue).mmio32(MMIO_QUEUE_NUM, REFILL_QUEUE_SIZE);
-        a = a.mmio32(MMIO_QUEUE_DESC_LOW, base).mmio32(MMIO_QUEUE_AVAIL_LOW, base + 0x1000);
-        a = a.mmio32(MMIO_QUEUE_USED_LOW, base + 0x2000).mmio32(MMIO_QUEUE_READY, 1);
-    }
-    // Descriptor 0: the buffer, device-writable (flags 2), no next. Guest RAM starts zeroed, so
-    // every available ring slot already names descriptor 0.
-    a = a.mov_edi(RX).ram32(0, BUFFER).ram32(4, 0).ram32(8, 2048).ram32(12, 2);
-    a = a.mmio32(MMIO_STATUS, 15);
-    a = a.mov_ecx(rounds);
-    let top = a.here();
-    a = a.add_ram16(0x1000 + 2, REFILL_STEP).mmio32(MMIO_QUEUE_NOTIFY, 0).delay(REFILL_DELAY).loop_back(top);
-    a.reset().elf()
+    guest(|a| {
+        a.mov(ebx, VIRTIO_MMIO_BASE)?;
+        // Handshake (virtio 1.2, 3.1.1): ACKNOWLEDGE, DRIVER, VIRTIO_F_VERSION_1 only, FEATURES_OK.
+        for (reg, value) in [
+            (MMIO_STATUS, 1),
+            (MMIO_STATUS, 3),
+            (MMIO_DRIVER_FEATURES_SEL, 1),
+            (MMIO_DRIVER_FEATURES, 1),
+            (MMIO_DRIVER_FEATURES_SEL, 0),
+            (MMIO_DRIVER_FEATURES, 0),
+            (MMIO_STATUS, 11),
+        ] {
+            mmio32(a, reg, value)?;
+        }
+        for (queue, base) in [(0, RX), (1, TX)] {
+            for (reg, value) in [
+                (MMIO_QUEUE_SEL, queue),
+                (MMIO_QUEUE_NUM, REFILL_QUEUE_SIZE),
+                (MMIO_QUEUE_DESC_LOW, base),
+                (MMIO_QUEUE_AVAIL_LOW, base + AVAIL),
+                (MMIO_QUEUE_USED_LOW, base + USED),
+                (MMIO_QUEUE_READY, 1),
+            ] {
+                mmio32(a, reg, value)?;
+            }
+        }
+        // Descriptor 0: the buffer, device-writable (flags 2), no next. Guest RAM starts zeroed, so
+        // every available ring slot already names descriptor 0.
+        for (offset, value) in [(0, BUFFER), (4, 0), (8, 2048), (12, 2)] {
+            a.mov(dword_ptr(RX + offset), value)?;
+        }
+        mmio32(a, MMIO_STATUS, 15)?;
+        a.mov(ecx, rounds)?;
+        let top = here(a)?;
+        a.add(word_ptr(RX + AVAIL_IDX), u32::from(REFILL_STEP))?;
+        mmio32(a, MMIO_QUEUE_NOTIFY, 0)?;
+        a.mov(edx, REFILL_DELAY)?; // the wait, in edx: ecx counts the rounds
+        let wait = here(a)?;
+        a.dec(edx)?;
+        a.jnz(wait)?;
+        a.loop_(top)?;
+        reset(a)
+    })
 }
 
 /// Echoes what arrives on COM1 back to COM1, polling the line status register, until it reads a
 /// `q` (echoed too), then resets.
 pub fn echo_elf() -> Vec<u8> {
-    let mut c = vec![0x66, 0xba, 0xfd, 0x03]; // top: mov dx, 0x3fd (line status)
-    let poll = c.len();
-    c.extend([0xec, 0xa8, 0x01]); // poll: in al, dx; test al, 1 (data ready)
-    c.push(0x74); // jz poll
-    c.push(rel8(c.len() + 1, poll));
-    c.extend([0x66, 0xba, 0xf8, 0x03, 0xec, 0xee]); // mov dx, 0x3f8; in al, dx; out dx, al
-    c.extend([0x3c, b'q', 0x75]); // cmp al, 'q'; jne top
-    c.push(rel8(c.len() + 1, 0));
-    Asm(c).reset().elf()
+    guest(|a| {
+        let top = here(a)?;
+        a.mov(dx, COM1_LSR)?;
+        let poll = here(a)?;
+        a.in_(al, dx)?;
+        a.test(al, LSR_DATA_READY)?;
+        a.jz(poll)?;
+        a.mov(dx, COM1_DATA)?;
+        a.in_(al, dx)?;
+        a.out(dx, al)?;
+        a.cmp(al, 'q' as u32)?;
+        a.jne(top)?;
+        reset(a)
+    })
 }
 
 /// A guest that halts at once and never reads its UART.
 pub fn halt_elf() -> Vec<u8> {
-    Asm::default().halt_forever().elf()
+    guest(halt_forever)
 }

@@ -1,4 +1,4 @@
-//! nvmm on this machine's own /dev/kvm, with the hand-assembled tiny guest (Linux cannot boot on a
+//! nvmm on this machine's own /dev/kvm, with the tiny guest (Linux cannot boot on a
 //! PVM host; see ENVIRONMENT.md). Exercises the vCPU loop, port I/O, MMIO and the reset path.
 
 use std::process::Command;

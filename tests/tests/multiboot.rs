@@ -1,46 +1,68 @@
-//! Multiboot kernels and `--debug-exit` on this machine's own /dev/kvm: a hand-made kernel checks
+//! Multiboot kernels and `--debug-exit` on this machine's own /dev/kvm: a tiny kernel checks
 //! the boot loader magic, prints the command line it was given and ends nvmm through port 0xf4 with
 //! a status that carries its module count; bad Multiboot images are one-line errors.
 
 use std::path::PathBuf;
 
+use iced_x86::code_asm::*;
 use nvmm_tests::multiboot::{header, FLAG_ADDRESSES, LOAD_ADDR};
-use nvmm_tests::{assert_one_line_error, run_nvmm, scratch_dir};
+use nvmm_tests::{assert_one_line_error, run_nvmm, scratch_dir, tiny};
 
 /// What the kernel writes to port 0xf4 when EAX does not hold the boot loader magic.
 const BAD_MAGIC_VALUE: u8 = 0x7f;
 /// The kernel writes this plus its module count to port 0xf4.
 const EXIT_BASE: u8 = 5;
 
-/// 32-bit code, entered with paging off: checks EAX, writes the command line (info + 16) to COM1,
-/// then `EXIT_BASE + mods_count` (info + 20) to the debug-exit port, then resets.
+/// What the boot loader leaves in EAX.
+const BOOT_LOADER_MAGIC: u32 = 0x2bad_b002;
+// Multiboot information (EBX) fields.
+const INFO_CMDLINE: u32 = 16;
+const INFO_MODS_COUNT: u32 = 20;
+const COM1_DATA: u32 = 0x3f8;
+/// `--debug-exit`'s port.
+const DEBUG_EXIT_PORT: u32 = 0xf4;
+/// The i8042's command port, and the command that pulses the reset line.
+const I8042_COMMAND: u32 = 0x64;
+const I8042_RESET: u32 = 0xfe;
+
+/// 32-bit code, entered with paging off: checks EAX, writes the command line to COM1, then
+/// `EXIT_BASE + mods_count` to the debug-exit port, then resets. It has only relative jumps, so
+/// it runs wherever it is loaded.
 fn code() -> Vec<u8> {
-    let mut c = Vec::new();
-    c.push(0x3d); // cmp eax, 0x2badb002
-    c.extend(0x2bad_b002u32.to_le_bytes());
-    c.extend([0x75, 0]); // jne bad (patched below)
-    let jne_bad = c.len();
-    c.extend([0x8b, 0x73, 0x10]); // mov esi, [ebx + 16]: the command line
-    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    let top = c.len();
-    c.extend([0xac, 0x84, 0xc0]); // top: lodsb; test al, al
-    c.extend([0x74, 0x03]); // jz +3 (past out and jmp)
-    c.push(0xee); // out dx, al
-    c.push(0xeb);
-    c.push((top as isize - (c.len() + 1) as isize) as i8 as u8); // jmp top
-    c.extend([0xb0, b'\n', 0xee]); // mov al, '\n'; out dx, al
-    c.extend([0x8b, 0x43, 0x14]); // mov eax, [ebx + 20]: mods_count
-    c.extend([0x04, EXIT_BASE]); // add al, EXIT_BASE
-    let exit = c.len();
-    c.extend([0xe6, 0xf4]); // exit: out 0xf4, al
+    kernel_code().expect("assemble the Multiboot kernel")
+}
+
+fn kernel_code() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    let (mut bad, mut exit, mut printed) = (a.create_label(), a.create_label(), a.create_label());
+    a.cmp(eax, BOOT_LOADER_MAGIC)?;
+    a.jne(bad)?;
+    a.mov(esi, dword_ptr(ebx + INFO_CMDLINE))?;
+    a.mov(dx, COM1_DATA)?;
+    let next = tiny::here(&mut a)?;
+    a.lodsb()?;
+    a.test(al, al)?;
+    a.jz(printed)?;
+    a.out(dx, al)?;
+    a.jmp(next)?;
+    a.set_label(&mut printed)?;
+    a.mov(al, '\n' as u32)?;
+    a.out(dx, al)?;
+    a.mov(eax, dword_ptr(ebx + INFO_MODS_COUNT))?;
+    a.add(al, u32::from(EXIT_BASE))?;
+    a.set_label(&mut exit)?;
+    a.out(DEBUG_EXIT_PORT, al)?;
     // Without a debug-exit port the kernel carries on: an i8042 reset ends nvmm with status 0.
-    c.extend([0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
-    c.extend([0xfa, 0xf4, 0xeb, 0xfd]); // cli; hlt; jmp back, should the reset not land
-    let bad = c.len();
-    c[jne_bad - 1] = (bad - jne_bad) as u8;
-    c.extend([0xb0, BAD_MAGIC_VALUE, 0xeb]); // bad: mov al, BAD_MAGIC_VALUE; jmp exit
-    c.push((exit as isize - (c.len() + 1) as isize) as i8 as u8);
-    c
+    a.mov(al, I8042_RESET)?;
+    a.out(I8042_COMMAND, al)?;
+    a.cli()?;
+    let halt = tiny::here(&mut a)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    a.set_label(&mut bad)?;
+    a.mov(al, u32::from(BAD_MAGIC_VALUE))?;
+    a.jmp(exit)?;
+    a.assemble(0)
 }
 
 /// A kernel that carries its load addresses, loaded at `load` (1 MiB normally).

@@ -40,6 +40,8 @@ pub enum Error {
     PioIoeventfd(u8, #[source] kvm_ioctls::Error),
     #[error("bench device placement: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
     #[error("cannot write the bench guest into its memory: {0}")]
     GuestMemory(#[from] GuestMemoryError),
     #[error("KVM_GET_MSRS (MSR {0:#x}): {1}")]
@@ -156,7 +158,7 @@ impl Runner {
         regs::enable_lapic(&vcpu.fd)?;
         let msr_value = read_msr(&vcpu, guest::MSR_BENCH)?;
 
-        let program = Program::new(Hypercall::for_vendor(vendor));
+        let program = Program::new(Hypercall::for_vendor(vendor))?;
         let entry = Entry::Linux64 { rip: guest::CODE_START };
         let boot_gdt = regs::write_boot_tables(&vm.mem, entry)?;
         regs::allow_user_access(&vm.mem)?;

@@ -1,4 +1,4 @@
-//! The bench guest, hand-assembled: one measurement routine per kind of exit, plus the few
+//! The bench guest, assembled with iced-x86: one measurement routine per kind of exit, plus the few
 //! stubs around them. No kernel and no firmware: nvmm's bench runner loads the code, points the
 //! vCPU at one routine at a time (at CPL 0 or 3, see `exits.rs`) and reads the results from guest
 //! memory. The same routines, wrapped in a PVH ELF by [`pvh_image`], also boot under any VMM that
@@ -22,6 +22,8 @@
 //! the report subtracts from every other kind measured at the same CPL. Only the low 32 bits of
 //! the TSC are kept: a difference is exact as long as one iteration takes under 2^32 cycles.
 
+use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::host::Vendor;
@@ -194,134 +196,85 @@ impl Inputs {
     }
 }
 
-/// Machine code being assembled at a known guest address.
-struct Asm {
-    base: u64,
-    code: Vec<u8>,
+/// The guest's code could not be assembled: a bug in this file, never the host's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot assemble the bench guest: {0}")]
+    Assemble(#[from] IcedError),
 }
 
-impl Asm {
-    fn new(base: u64) -> Asm {
-        Asm { base, code: Vec::new() }
-    }
-
-    fn emit(&mut self, bytes: &[u8]) {
-        self.code.extend_from_slice(bytes);
-    }
-
-    fn here(&self) -> usize {
-        self.code.len()
-    }
-
-    fn addr(&self, offset: usize) -> u64 {
-        self.base + offset as u64
-    }
-
-    /// A conditional or unconditional jump back to `target`: rel8 when it reaches, else rel32.
-    fn jump_back(&mut self, short_op: u8, near_op: &[u8], target: usize) {
-        let rel8 = target as i64 - (self.here() as i64 + 2);
-        if rel8 >= -128 {
-            self.emit(&[short_op, rel8 as i8 as u8]);
-        } else {
-            let rel32 = target as i64 - (self.here() + near_op.len() + 4) as i64;
-            self.emit(near_op);
-            self.emit(&(rel32 as i32).to_le_bytes());
-        }
-    }
-
-    /// `jnz target` (backwards).
-    fn jnz(&mut self, target: usize) {
-        self.jump_back(0x75, &[0x0f, 0x85], target);
-    }
-
-    /// `jmp target` (backwards).
-    fn jmp(&mut self, target: usize) {
-        self.jump_back(0xeb, &[0xe9], target);
-    }
-
-    /// `jb target` (backwards).
-    fn jb(&mut self, target: usize) {
-        self.jump_back(0x72, &[0x0f, 0x82], target);
-    }
-
-    /// `rdtsc; shl rdx, 32; or rax, rdx`: the whole 64-bit TSC in rax.
-    fn rdtsc64(&mut self) {
-        self.emit(&[0x0f, 0x31]); // rdtsc
-        self.emit(&[0x48, 0xc1, 0xe2, 0x20]); // shl rdx, 32
-        self.emit(&[0x48, 0x09, 0xd0]); // or rax, rdx
-    }
-
-    /// `call target` (backwards, rel32).
-    fn call(&mut self, target: usize) {
-        let rel32 = target as i64 - (self.here() + 5) as i64;
-        self.emit(&[0xe8]);
-        self.emit(&(rel32 as i32).to_le_bytes());
-    }
-
-    /// `mov r32, imm32` for eax..edi (register number 0..7), zero-extending into the 64-bit register.
-    fn mov_imm32(&mut self, reg: u8, imm: u32) {
-        self.emit(&[0xb8 + reg]);
-        self.emit(&imm.to_le_bytes());
-    }
-
-    /// Emits `code` placed at a guest address that fits 32 bits (everything here sits below 4 GiB).
-    fn abs32(addr: u64) -> [u8; 4] {
-        debug_assert!(addr <= u64::from(u32::MAX));
-        (addr as u32).to_le_bytes()
-    }
+/// A label on the next instruction.
+fn here(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
+    let mut label = a.create_label();
+    a.set_label(&mut label)?;
+    Ok(label)
 }
 
-// Register numbers for `mov_imm32`.
-const EAX: u8 = 0;
-const ECX: u8 = 1;
-const EDX: u8 = 2;
-const EBX: u8 = 3;
-const ESI: u8 = 6;
-const EDI: u8 = 7;
+/// Assembles `a` at `base`, keeping what [`CodeAssemblerResult::label_ip`] needs.
+fn assemble(a: &mut CodeAssembler, base: u64) -> Result<CodeAssemblerResult, IcedError> {
+    a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+}
 
-/// Emits the measurement routine for `kind` (see the module docs for the contract). For hlt-irq,
-/// returns the offset of its hlt, which the interrupt handler needs.
-fn routine(a: &mut Asm, kind: Kind, hypercall: Hypercall) -> Option<usize> {
+/// A guest address as the 32-bit operand that holds it (everything here sits below 4 GiB).
+fn abs32(addr: u64) -> u32 {
+    debug_assert!(addr <= u64::from(u32::MAX));
+    addr as u32
+}
+
+/// The whole 64-bit TSC in rax.
+fn rdtsc64(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)
+}
+
+/// Emits the measurement routine for `kind` (see the module docs for the contract) and returns its
+/// entry. hlt-irq's routine sets `hlt` on its hlt, which the interrupt handler needs.
+fn routine(a: &mut CodeAssembler, kind: Kind, hypercall: Hypercall, hlt: &mut CodeLabel) -> Result<CodeLabel, IcedError> {
     if kind == Kind::HltIrq {
-        return Some(hlt_routine(a));
+        return hlt_routine(a, hlt);
     }
-    let top = a.here();
-    a.emit(&[0x0f, 0xae, 0xe8]); // lfence: earlier instructions finish before the TSC is read
-    a.emit(&[0x0f, 0x31]); // rdtsc
-    a.emit(&[0x41, 0x89, 0xc0]); // mov r8d, eax                      t0
+    let top = here(a)?;
+    a.lfence()?; // earlier instructions finish before the TSC is read
+    a.rdtsc()?;
+    a.mov(r8d, eax)?; // t0
     match kind {
-        Kind::Loop => {}
+        Kind::Loop | Kind::HltIrq => {}
         Kind::Cpuid => {
-            a.emit(&[0x31, 0xc0]); // xor eax, eax                    leaf 0
-            a.emit(&[0x0f, 0xa2]); // cpuid
+            a.xor(eax, eax)?; // leaf 0
+            a.cpuid()?;
         }
-        Kind::PioUser => a.emit(&[0xe6, PORT_USER]), // out PORT_USER, al
-        Kind::PioIoeventfd => a.emit(&[0xe6, PORT_IOEVENTFD]), // out PORT_IOEVENTFD, al
-        Kind::MmioUser | Kind::MmioIoeventfd => a.emit(&[0x89, 0x0b]), // mov [rbx], ecx
-        Kind::Rdmsr => a.emit(&[0x0f, 0x32]), // rdmsr                    (ecx = MSR)
+        Kind::PioUser => a.out(u32::from(PORT_USER), al)?,
+        Kind::PioIoeventfd => a.out(u32::from(PORT_IOEVENTFD), al)?,
+        Kind::MmioUser | Kind::MmioIoeventfd => a.mov(dword_ptr(rbx), ecx)?,
+        Kind::Rdmsr => a.rdmsr()?, // ecx = MSR
         Kind::Wrmsr => {
-            a.emit(&[0x44, 0x89, 0xc8]); // mov eax, r9d                value, low half
-            a.emit(&[0x44, 0x89, 0xd2]); // mov edx, r10d               value, high half
-            a.emit(&[0x0f, 0x30]); // wrmsr                             (ecx = MSR)
+            a.mov(eax, r9d)?; // the value, low half
+            a.mov(edx, r10d)?; // high half
+            a.wrmsr()?;
         }
-        Kind::HltIrq => {} // returned above
         Kind::Hypercall => {
-            a.mov_imm32(EAX, KVM_HC_VAPIC_POLL_IRQ); // mov eax, KVM_HC_VAPIC_POLL_IRQ
+            a.mov(eax, KVM_HC_VAPIC_POLL_IRQ)?;
             match hypercall {
-                Hypercall::Vmcall => a.emit(&[0x0f, 0x01, 0xc1]), // vmcall
-                Hypercall::Vmmcall => a.emit(&[0x0f, 0x01, 0xd9]), // vmmcall
+                Hypercall::Vmcall => a.vmcall()?,
+                Hypercall::Vmmcall => a.vmmcall()?,
             }
         }
     }
-    a.emit(&[0x0f, 0xae, 0xe8]); // lfence: the op has finished
-    a.emit(&[0x0f, 0x31]); // rdtsc                                   t1
-    a.emit(&[0x44, 0x29, 0xc0]); // sub eax, r8d                      t1 - t0
-    a.emit(&[0x89, 0x06]); // mov [rsi], eax
-    a.emit(&[0x48, 0x83, 0xc6, 0x04]); // add rsi, 4
-    a.emit(&[0x48, 0xff, 0xcf]); // dec rdi
-    a.jnz(top); // jnz top
-    a.emit(&[0xc3]); // ret
-    None
+    a.lfence()?; // the op has finished
+    a.rdtsc()?;
+    a.sub(eax, r8d)?; // t1 - t0
+    a.mov(dword_ptr(rsi), eax)?;
+    next_iteration(a, top)?;
+    Ok(top)
+}
+
+/// Moves to the next sample and loops back to `top` while iterations remain, then returns.
+fn next_iteration(a: &mut CodeAssembler, top: CodeLabel) -> Result<(), IcedError> {
+    a.add(rsi, 4)?;
+    a.dec(rdi)?;
+    a.jnz(top)?;
+    a.ret()
 }
 
 /// `hlt` woken by an interrupt: each iteration arms the LAPIC timer (TSC-deadline mode) to fire
@@ -335,57 +288,56 @@ fn routine(a: &mut Asm, kind: Kind, hypercall: Hypercall) -> Option<usize> {
 /// delivers that one, and the vCPU would stay halted. Should the deadline pass during the wrmsr
 /// exit, the interrupt arrives with RIP at the hlt; the handler ([`irq_handler`]) then skips the
 /// hlt and sets r15, and the sample is stored as [`EARLY_WAKE`] for the runner to drop.
-/// Returns the offset of the hlt.
-fn hlt_routine(a: &mut Asm) -> usize {
-    a.emit(&[0xc7, 0x83]); // mov dword [rbx + APIC_LVTT], LVTT_TSC_DEADLINE   (once)
-    a.emit(&APIC_LVTT.to_le_bytes());
-    a.emit(&LVTT_TSC_DEADLINE.to_le_bytes());
-    let top = a.here();
-    a.emit(&[0x45, 0x31, 0xff]); // xor r15d, r15d                  no early wake yet
-    a.emit(&[0x0f, 0xae, 0xe8]); // lfence
-    a.rdtsc64(); //                                                   t0 in rax
-    a.emit(&[0x4c, 0x01, 0xc8]); // add rax, r9                       deadline
-    a.emit(&[0x49, 0x89, 0xc0]); // mov r8, rax
-    a.emit(&[0x48, 0x89, 0xc2]); // mov rdx, rax
-    a.emit(&[0x48, 0xc1, 0xea, 0x20]); // shr rdx, 32
-    a.emit(&[0xfb]); // sti                                          its shadow covers the wrmsr
-    a.emit(&[0x0f, 0x30]); // wrmsr                                   IA32_TSC_DEADLINE (ecx)
-    let hlt = a.here();
-    a.emit(&[0xf4]); // hlt                                          the handler returns below
-    a.emit(&[0x0f, 0xae, 0xe8]); // lfence
-    a.emit(&[0x0f, 0x31]); // rdtsc                                   t1
-    a.emit(&[0x44, 0x29, 0xc0]); // sub eax, r8d                      t1 - deadline
-    a.emit(&[0x45, 0x85, 0xff]); // test r15d, r15d                   woken before the hlt?
-    a.emit(&[0x74, 0x05]); // jz store
-    a.mov_imm32(EAX, EARLY_WAKE); // mov eax, EARLY_WAKE              (5 bytes)
-    a.emit(&[0x89, 0x06]); // store: mov [rsi], eax
-    a.emit(&[0xfa]); // cli
-    a.emit(&[0xc7, 0x83]); // mov dword [rbx + APIC_EOI], 0
-    a.emit(&APIC_EOI.to_le_bytes());
-    a.emit(&0u32.to_le_bytes());
-    a.emit(&[0x48, 0x83, 0xc6, 0x04]); // add rsi, 4
-    a.emit(&[0x48, 0xff, 0xcf]); // dec rdi
-    a.jnz(top); // jnz top
-    a.emit(&[0xc3]); // ret
-    hlt
+/// Sets `hlt` on the hlt and returns the routine's entry.
+fn hlt_routine(a: &mut CodeAssembler, hlt: &mut CodeLabel) -> Result<CodeLabel, IcedError> {
+    let entry = here(a)?;
+    a.mov(dword_ptr(rbx + APIC_LVTT), LVTT_TSC_DEADLINE)?; // once
+    let top = here(a)?;
+    a.xor(r15d, r15d)?; // no early wake yet
+    a.lfence()?;
+    rdtsc64(a)?; // t0
+    a.add(rax, r9)?; // the deadline: in r8, and in edx:eax for the wrmsr
+    a.mov(r8, rax)?;
+    a.mov(rdx, rax)?;
+    a.shr(rdx, 32)?;
+    a.sti()?; // its shadow covers the wrmsr
+    a.wrmsr()?; // IA32_TSC_DEADLINE (ecx)
+    a.set_label(hlt)?;
+    a.hlt()?; // the handler returns below
+    a.lfence()?;
+    a.rdtsc()?;
+    a.sub(eax, r8d)?; // t1 - deadline
+    let mut store = a.create_label();
+    a.test(r15d, r15d)?; // woken before the hlt?
+    a.jz(store)?;
+    a.mov(eax, EARLY_WAKE)?;
+    a.set_label(&mut store)?;
+    a.mov(dword_ptr(rsi), eax)?;
+    a.cli()?;
+    a.mov(dword_ptr(rbx + APIC_EOI), 0u32)?;
+    next_iteration(a, top)?;
+    Ok(entry)
 }
 
 /// The hlt-irq sample of an iteration whose interrupt came before its hlt (see [`hlt_routine`]).
 pub const EARLY_WAKE: u32 = u32::MAX;
 
-/// The IRQ_VECTOR handler: if the interrupted RIP is the hlt routine's hlt (at `hlt_addr`), the
-/// interrupt came before the halt: skip the hlt and flag the iteration in r15. Then iretq; the
-/// routine sends the EOI.
-fn irq_handler(a: &mut Asm, hlt_addr: u64) {
-    a.emit(&[0x50]); // push rax
-    a.emit(&[0x48, 0x8b, 0x44, 0x24, 0x08]); // mov rax, [rsp + 8]   the interrupted RIP
-    a.emit(&[0x48, 0x3d]); // cmp rax, hlt_addr
-    a.emit(&Asm::abs32(hlt_addr));
-    a.emit(&[0x75, 0x0b]); // jne out                                (skips the 11 bytes below)
-    a.emit(&[0x48, 0xff, 0x44, 0x24, 0x08]); // inc qword [rsp + 8]   resume after the hlt
-    a.emit(&[0x41, 0xbf, 1, 0, 0, 0]); // mov r15d, 1                 early wake
-    a.emit(&[0x58]); // out: pop rax
-    a.emit(&[0x48, 0xcf]); // iretq
+/// The IRQ_VECTOR handler: if the interrupted RIP is the hlt routine's `hlt`, the interrupt came
+/// before the halt: skip the hlt and flag the iteration in r15. Then iretq; the routine sends the
+/// EOI. Returns the handler's entry.
+fn irq_handler(a: &mut CodeAssembler, hlt: CodeLabel) -> Result<CodeLabel, IcedError> {
+    let entry = here(a)?;
+    let mut out = a.create_label();
+    a.push(rax)?;
+    a.lea(rax, ptr(hlt))?;
+    a.cmp(qword_ptr(rsp + 8), rax)?; // the interrupted RIP
+    a.jne(out)?;
+    a.inc(qword_ptr(rsp + 8))?; // resume after the (one-byte) hlt
+    a.mov(r15d, 1u32)?; // early wake
+    a.set_label(&mut out)?;
+    a.pop(rax)?;
+    a.iretq()?;
+    Ok(entry)
 }
 
 /// The bench runner's program: routines, the "done" stub they return to, exception stubs and the
@@ -403,30 +355,35 @@ pub struct Program {
 }
 
 impl Program {
-    pub fn new(hypercall: Hypercall) -> Program {
-        let mut a = Asm::new(CODE_START);
-        let done = a.here();
-        a.emit(&[0xe6, PORT_DONE]); // out PORT_DONE, al
-        a.jmp(done); // jmp done: the runner never resumes after it, but must it, it sees done again
-        let mut faults = [0; 32];
-        for (vector, slot) in faults.iter_mut().enumerate() {
-            *slot = a.here();
-            a.emit(&[0xb0, vector as u8]); // mov al, vector
-            a.emit(&[0xe6, PORT_FAULT]); // out PORT_FAULT, al
-            a.jmp(*slot); // jmp back: the runner stops at the first report
+    pub fn new(hypercall: Hypercall) -> Result<Program, Error> {
+        let mut a = CodeAssembler::new(64)?;
+        // The runner never resumes the guest after a report; should it, the guest reports again.
+        let done = here(&mut a)?;
+        a.out(u32::from(PORT_DONE), al)?;
+        a.jmp(done)?;
+        let mut fault_labels = Vec::new();
+        for vector in 0..32u32 {
+            let stub = here(&mut a)?;
+            a.mov(al, vector)?;
+            a.out(u32::from(PORT_FAULT), al)?;
+            a.jmp(stub)?;
+            fault_labels.push(stub);
         }
-        let mut routines = Vec::new();
-        let mut hlt = 0;
+        let mut hlt = a.create_label();
+        let mut routine_labels = Vec::new();
         for kind in Kind::ALL {
-            routines.push((kind, a.here()));
-            if let Some(at) = routine(&mut a, kind, hypercall) {
-                hlt = at;
-            }
+            routine_labels.push((kind, routine(&mut a, kind, hypercall, &mut hlt)?));
         }
-        let irq = a.here();
-        let hlt_addr = a.addr(hlt);
-        irq_handler(&mut a, hlt_addr);
-        Program { code: a.code, done, faults, irq, routines }
+        let irq = irq_handler(&mut a, hlt)?;
+
+        let out = assemble(&mut a, CODE_START)?;
+        let offset = |label: &CodeLabel| -> Result<usize, IcedError> { Ok((out.label_ip(label)? - CODE_START) as usize) };
+        let mut faults = [0; 32];
+        for (slot, label) in faults.iter_mut().zip(&fault_labels) {
+            *slot = offset(label)?;
+        }
+        let routines = routine_labels.iter().map(|(kind, label)| Ok((*kind, offset(label)?))).collect::<Result<_, IcedError>>()?;
+        Ok(Program { done: offset(&done)?, faults, irq: offset(&irq)?, routines, code: out.inner.code_buffer })
     }
 
     /// Offset of `kind`'s routine.
@@ -498,63 +455,75 @@ pub const IMAGE_KINDS: [Kind; 2] = [Kind::Loop, Kind::PioUser];
 /// How long the image waits after its i8042 reset before it triple-faults (QEMU's microvm has no
 /// i8042): 2^30 cycles, 0.4 s at 2.7 GHz, for a VMM's main loop to act on the reset even on a
 /// loaded host. The largest wait `cmp rax, imm32` (sign-extended) can take is 2^31 - 1.
-const RESET_WAIT_CYCLES: u32 = 1 << 30;
+const RESET_WAIT_CYCLES: i32 = 1 << 30;
 /// An address outside both canonical halves: any access faults.
 const NON_CANONICAL: u64 = 0x8000_0000_0000_0000;
 /// First word of each line the image prints.
 pub const IMAGE_TAG: &str = "nvmm-bench-raw";
 
+// What the PVH entry sets to reach long mode.
+/// Page-directory entry of a 2 MiB page: present, writable, PS.
+const PDE_2M: u32 = 0x83;
+/// Page-table entry flags of a PML4 or PDPT entry: present, writable.
+const PTE_TABLE: u32 = 0x3;
+const CR4_PAE: u32 = 1 << 5;
+const IA32_EFER: u32 = 0xc000_0080;
+const EFER_LME: u32 = 1 << 8;
+const CR0_PE: u32 = 1;
+const CR0_PG: u32 = 1 << 31;
+
 /// Subroutines of the image: COM1 output.
 struct Console {
-    puts: usize,
-    hex32: usize,
+    puts: CodeLabel,
+    hex32: CodeLabel,
 }
 
 /// `puts` (rsi -> NUL-terminated) and `hex32` (r12d, printed as 8 hex digits and '\n'), over a
 /// `putc` (al).
 /// Each waits for the UART's transmit register to empty, so no VMM drops a character.
-fn console(a: &mut Asm) -> Console {
-    let putc = a.here();
-    a.emit(&[0x41, 0x89, 0xc5]); // mov r13d, eax                    keep the character
-    let wait = a.here();
-    a.mov_imm32(EDX, u32::from(COM1_LSR)); // mov edx, COM1_LSR
-    a.emit(&[0xec]); // in al, dx
-    a.emit(&[0xa8, LSR_THRE]); // test al, LSR_THRE
-    a.emit(&[0x74]); // jz wait
-    let rel = wait as i64 - (a.here() as i64 + 1);
-    a.emit(&[rel as i8 as u8]);
-    a.emit(&[0x44, 0x89, 0xe8]); // mov eax, r13d
-    a.mov_imm32(EDX, u32::from(COM1_DATA)); // mov edx, COM1_DATA
-    a.emit(&[0xee]); // out dx, al
-    a.emit(&[0xc3]); // ret
+fn console(a: &mut CodeAssembler) -> Result<Console, IcedError> {
+    let putc = here(a)?;
+    a.mov(r13d, eax)?; // keep the character
+    let wait = here(a)?;
+    a.mov(edx, u32::from(COM1_LSR))?;
+    a.in_(al, dx)?;
+    a.test(al, u32::from(LSR_THRE))?;
+    a.jz(wait)?;
+    a.mov(eax, r13d)?;
+    a.mov(edx, u32::from(COM1_DATA))?;
+    a.out(dx, al)?;
+    a.ret()?;
 
-    let puts = a.here();
-    let next = a.here();
-    a.emit(&[0x8a, 0x06]); // mov al, [rsi]
-    a.emit(&[0x84, 0xc0]); // test al, al
-    a.emit(&[0x74, 0x0a]); // jz out (skips the 10 bytes below)
-    a.call(putc); // call putc                                       (5 bytes)
-    a.emit(&[0x48, 0xff, 0xc6]); // inc rsi                          (3 bytes)
-    a.jmp(next); // jmp next                                         (2 bytes)
-    a.emit(&[0xc3]); // out: ret
+    let puts = here(a)?;
+    let mut end = a.create_label();
+    a.mov(al, byte_ptr(rsi))?;
+    a.test(al, al)?;
+    a.jz(end)?;
+    a.call(putc)?;
+    a.inc(rsi)?;
+    a.jmp(puts)?;
+    a.set_label(&mut end)?;
+    a.ret()?;
 
-    let hex32 = a.here();
-    a.emit(&[0x41, 0xbe, 8, 0, 0, 0]); // mov r14d, 8                  digits left
-    let digit = a.here();
-    a.emit(&[0x41, 0xc1, 0xc4, 0x04]); // rol r12d, 4                 next nibble to the bottom
-    a.emit(&[0x44, 0x89, 0xe0]); // mov eax, r12d
-    a.emit(&[0x83, 0xe0, 0x0f]); // and eax, 0xf
-    a.emit(&[0x3c, 0x0a]); // cmp al, 10
-    a.emit(&[0x72, 0x02]); // jb decimal
-    a.emit(&[0x04, b'a' - b'0' - 10]); // add al, 'a' - '0' - 10
-    a.emit(&[0x04, b'0']); // decimal: add al, '0'
-    a.call(putc); // call putc
-    a.emit(&[0x41, 0xff, 0xce]); // dec r14d
-    a.jnz(digit); // jnz digit
-    a.emit(&[0xb0, b'\n']); // mov al, '\n'
-    a.call(putc); // call putc
-    a.emit(&[0xc3]); // ret
-    Console { puts, hex32 }
+    let hex32 = here(a)?;
+    a.mov(r14d, 8u32)?; // digits left
+    let digit = here(a)?;
+    a.rol(r12d, 4)?; // next nibble to the bottom
+    a.mov(eax, r12d)?;
+    a.and(eax, 0xf)?;
+    let mut decimal = a.create_label();
+    a.cmp(al, 10)?;
+    a.jb(decimal)?;
+    a.add(al, u32::from(b'a' - b'0' - 10))?;
+    a.set_label(&mut decimal)?;
+    a.add(al, u32::from(b'0'))?;
+    a.call(putc)?;
+    a.dec(r14d)?;
+    a.jnz(digit)?;
+    a.mov(al, u32::from(b'\n'))?;
+    a.call(putc)?;
+    a.ret()?;
+    Ok(Console { puts, hex32 })
 }
 
 /// The bench as a standalone PVH ELF: entered in 32-bit protected mode, it maps the first GiB,
@@ -562,149 +531,143 @@ fn console(a: &mut Asm) -> Console {
 /// `nvmm-bench-raw <kind> <iterations>` and one hex cycle count per line for each, then
 /// `nvmm-bench-raw end`. It then resets through the i8042 (nvmm) and, should that port be absent
 /// (QEMU's microvm), triple-faults: either ends a VMM run with `-no-reboot`.
-pub fn pvh_image(iterations: u32, hypercall: Hypercall) -> Vec<u8> {
-    let mut a = Asm::new(CODE_START);
-    let data = image_data(&mut a, iterations);
-    let con = console(&mut a);
+///
+/// Laid out as the data, then the 64-bit code, then the 32-bit entry, which jumps back into it.
+pub fn pvh_image(iterations: u32, hypercall: Hypercall) -> Result<Vec<u8>, Error> {
+    let data = image_data(iterations);
+    let mut a = CodeAssembler::new(64)?;
+    let con = console(&mut a)?;
+    let mut hlt = a.create_label();
     let mut routines = Vec::new();
     for kind in IMAGE_KINDS {
-        routines.push(a.here());
-        routine(&mut a, kind, hypercall);
+        routines.push(routine(&mut a, kind, hypercall, &mut hlt)?);
     }
-    let entry = a.here();
-    enter_long_mode(&mut a, data.gdtr);
-    for (i, routine_at) in routines.iter().enumerate() {
-        run_and_print(&mut a, *routine_at, data.headers[i], &con, iterations);
+    let long64 = here(&mut a)?;
+    a.mov(eax, u32::from(SEL_DATA0))?;
+    a.mov(ds, eax)?;
+    a.mov(es, eax)?;
+    a.mov(ss, eax)?;
+    a.mov(esp, abs32(STACK0_TOP))?;
+    for (routine, header) in routines.into_iter().zip(&data.headers) {
+        run_and_print(&mut a, routine, *header, &con, iterations)?;
     }
-    a.mov_imm32(ESI, a.addr(data.end_msg) as u32); // mov esi, end_msg
-    a.call(con.puts); // call puts
-    stop(&mut a, data.null_idtr);
-    elf_with_pvh_note(&a.code, a.addr(entry))
+    a.mov(esi, data.end_msg)?;
+    a.call(con.puts)?;
+    stop(&mut a, data.null_idtr)?;
+
+    let code64_at = CODE_START + data.bytes.len() as u64;
+    let code64 = assemble(&mut a, code64_at)?;
+    let entry = code64_at + code64.inner.code_buffer.len() as u64;
+    let entry32 = enter_long_mode(data.gdtr, abs32(code64.label_ip(&long64)?))?.assemble(entry)?;
+    let image = [data.bytes, code64.inner.code_buffer, entry32].concat();
+    Ok(elf_with_pvh_note(&image, entry))
 }
 
-/// Offsets of the image's data.
+/// The image's data, first in the image, and the guest addresses of its parts.
 struct ImageData {
+    bytes: Vec<u8>,
     /// lgdt operand: limit and 32-bit base of a three-entry GDT (null, ring-0 code, ring-0 data).
-    gdtr: usize,
+    gdtr: u32,
     /// lidt operand with limit 0: any exception then becomes a triple fault.
-    null_idtr: usize,
+    null_idtr: u32,
     /// NUL-terminated header line of each IMAGE_KINDS block, and the closing line.
-    headers: Vec<usize>,
-    end_msg: usize,
+    headers: Vec<u32>,
+    end_msg: u32,
 }
 
-/// Emits the data first, so that code refers to it backwards.
-fn image_data(a: &mut Asm, iterations: u32) -> ImageData {
-    let gdt_at = a.here();
+fn image_data(iterations: u32) -> ImageData {
+    let mut d = Vec::new();
+    let addr = |d: &Vec<u8>| abs32(CODE_START + d.len() as u64);
+    let gdt_at = addr(&d);
     for e in &gdt()[..3] {
-        a.emit(&e.to_le_bytes());
+        d.extend(e.to_le_bytes());
     }
-    let gdtr = a.here();
-    a.emit(&((3 * 8 - 1) as u16).to_le_bytes()); // limit
-    a.emit(&(a.addr(gdt_at) as u32).to_le_bytes()); // base (lgdt in 32-bit mode reads 32 bits)
-    a.emit(&[0; 2]);
-    let null_idtr = a.here();
-    a.emit(&[0; 10]);
+    let gdtr = addr(&d);
+    d.extend(((3 * 8 - 1) as u16).to_le_bytes()); // limit
+    d.extend(gdt_at.to_le_bytes()); // base (lgdt in 32-bit mode reads 32 bits)
+    d.extend([0; 2]);
+    let null_idtr = addr(&d);
+    d.extend([0; 10]);
     let mut headers = Vec::new();
     for kind in IMAGE_KINDS {
-        headers.push(a.here());
-        a.emit(format!("{IMAGE_TAG} {} {iterations}\n\0", kind.name()).as_bytes());
+        headers.push(addr(&d));
+        d.extend(format!("{IMAGE_TAG} {} {iterations}\n\0", kind.name()).as_bytes());
     }
-    let end_msg = a.here();
-    a.emit(format!("{IMAGE_TAG} end\n\0").as_bytes());
-    ImageData { gdtr, null_idtr, headers, end_msg }
+    let end_msg = addr(&d);
+    d.extend(format!("{IMAGE_TAG} end\n\0").as_bytes());
+    ImageData { bytes: d, gdtr, null_idtr, headers, end_msg }
 }
 
 /// The PVH entry (32-bit protected mode, flat segments, paging off, no stack): identity-maps the
-/// first GiB with 2 MiB pages, enables PAE, EFER.LME and paging, and far-jumps to the 64-bit code
-/// that follows, which loads the data segments and the stack.
-fn enter_long_mode(a: &mut Asm, gdtr: usize) {
-    a.mov_imm32(EDI, IMAGE_PD as u32); // mov edi, IMAGE_PD
-    a.mov_imm32(EAX, 0x83); // mov eax, 0x83                      2 MiB page, present, writable
-    a.mov_imm32(ECX, 512); // mov ecx, 512                        entries: the first GiB
-    let fill = a.here();
-    a.emit(&[0x89, 0x07]); // mov [edi], eax
-    a.emit(&[0xc7, 0x47, 0x04, 0, 0, 0, 0]); // mov dword [edi + 4], 0
-    a.emit(&[0x05, 0x00, 0x00, 0x20, 0x00]); // add eax, 0x200000
-    a.emit(&[0x83, 0xc7, 0x08]); // add edi, 8
-    a.emit(&[0xe2]); // loop fill
-    let rel = fill as i64 - (a.here() as i64 + 1);
-    a.emit(&[rel as i8 as u8]);
-    a.emit(&[0xc7, 0x05]); // mov dword [IMAGE_PDPT], IMAGE_PD | 3
-    a.emit(&Asm::abs32(IMAGE_PDPT));
-    a.emit(&((IMAGE_PD | 3) as u32).to_le_bytes());
-    a.emit(&[0xc7, 0x05]); // mov dword [IMAGE_PML4], IMAGE_PDPT | 3
-    a.emit(&Asm::abs32(IMAGE_PML4));
-    a.emit(&((IMAGE_PDPT | 3) as u32).to_le_bytes());
-    a.mov_imm32(EAX, IMAGE_PML4 as u32); // mov eax, IMAGE_PML4
-    a.emit(&[0x0f, 0x22, 0xd8]); // mov cr3, eax
-    a.emit(&[0x0f, 0x20, 0xe0]); // mov eax, cr4
-    a.emit(&[0x83, 0xc8, 0x20]); // or eax, CR4.PAE
-    a.emit(&[0x0f, 0x22, 0xe0]); // mov cr4, eax
-    a.mov_imm32(ECX, 0xc000_0080); // mov ecx, IA32_EFER
-    a.emit(&[0x0f, 0x32]); // rdmsr
-    a.emit(&[0x0d, 0x00, 0x01, 0x00, 0x00]); // or eax, EFER.LME
-    a.emit(&[0x0f, 0x30]); // wrmsr
-    a.emit(&[0x0f, 0x20, 0xc0]); // mov eax, cr0
-    a.emit(&[0x0d, 0x01, 0x00, 0x00, 0x80]); // or eax, CR0.PG | CR0.PE
-    a.emit(&[0x0f, 0x22, 0xc0]); // mov cr0, eax                    long mode, still 32-bit code
-    a.emit(&[0x0f, 0x01, 0x15]); // lgdt [gdtr]
-    a.emit(&Asm::abs32(a.addr(gdtr)));
-    let far_jump = a.here();
-    a.emit(&[0xea, 0, 0, 0, 0]); // jmp far SEL_CODE0:long64          (offset patched below)
-    a.emit(&SEL_CODE0.to_le_bytes());
-
-    // 64-bit code from here.
-    let long64_addr = Asm::abs32(a.addr(a.here()));
-    a.code[far_jump + 1..far_jump + 5].copy_from_slice(&long64_addr);
-    a.mov_imm32(EAX, u32::from(SEL_DATA0)); // mov eax, SEL_DATA0
-    a.emit(&[0x8e, 0xd8]); // mov ds, eax
-    a.emit(&[0x8e, 0xc0]); // mov es, eax
-    a.emit(&[0x8e, 0xd0]); // mov ss, eax
-    a.mov_imm32(4, STACK0_TOP as u32); // mov esp, STACK0_TOP
+/// first GiB with 2 MiB pages, enables PAE, EFER.LME and paging, and far-jumps to `long64`, the
+/// 64-bit code that loads the data segments and the stack.
+fn enter_long_mode(gdtr: u32, long64: u32) -> Result<CodeAssembler, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    a.mov(edi, abs32(IMAGE_PD))?;
+    a.mov(eax, PDE_2M)?;
+    a.mov(ecx, 512u32)?; // entries: the first GiB
+    let fill = here(&mut a)?;
+    a.mov(dword_ptr(edi), eax)?;
+    a.mov(dword_ptr(edi + 4), 0u32)?;
+    a.add(eax, 0x20_0000u32)?;
+    a.add(edi, 8)?;
+    a.loop_(fill)?;
+    a.mov(dword_ptr(abs32(IMAGE_PDPT)), abs32(IMAGE_PD) | PTE_TABLE)?;
+    a.mov(dword_ptr(abs32(IMAGE_PML4)), abs32(IMAGE_PDPT) | PTE_TABLE)?;
+    a.mov(eax, abs32(IMAGE_PML4))?;
+    a.mov(cr3, eax)?;
+    a.mov(eax, cr4)?;
+    a.or(eax, CR4_PAE)?;
+    a.mov(cr4, eax)?;
+    a.mov(ecx, IA32_EFER)?;
+    a.rdmsr()?;
+    a.or(eax, EFER_LME)?;
+    a.wrmsr()?;
+    a.mov(eax, cr0)?;
+    a.or(eax, CR0_PG | CR0_PE)?;
+    a.mov(cr0, eax)?; // long mode, still 32-bit code
+    a.lgdt(ptr(gdtr))?;
+    a.jmp_far(SEL_CODE0, long64)?;
+    Ok(a)
 }
 
 /// Runs one routine, then prints its header line and its samples.
-fn run_and_print(a: &mut Asm, routine_at: usize, header: usize, con: &Console, iterations: u32) {
-    a.mov_imm32(EDI, iterations); // mov edi, iterations
-    a.mov_imm32(ESI, RESULTS_START as u32); // mov esi, RESULTS_START
-    a.call(routine_at); // call the routine
-    a.mov_imm32(ESI, a.addr(header) as u32); // mov esi, header
-    a.call(con.puts); // call puts
-    a.mov_imm32(EBX, RESULTS_START as u32); // mov ebx, RESULTS_START
-    a.emit(&[0x41, 0xbf]); // mov r15d, iterations
-    a.emit(&iterations.to_le_bytes());
-    let dump = a.here();
-    a.emit(&[0x44, 0x8b, 0x23]); // mov r12d, [rbx]
-    a.call(con.hex32); // call hex32
-    a.emit(&[0x48, 0x83, 0xc3, 0x04]); // add rbx, 4
-    a.emit(&[0x41, 0xff, 0xcf]); // dec r15d
-    a.jnz(dump); // jnz dump
+fn run_and_print(a: &mut CodeAssembler, routine: CodeLabel, header: u32, con: &Console, iterations: u32) -> Result<(), IcedError> {
+    a.mov(edi, iterations)?;
+    a.mov(esi, abs32(RESULTS_START))?;
+    a.call(routine)?;
+    a.mov(esi, header)?;
+    a.call(con.puts)?;
+    a.mov(ebx, abs32(RESULTS_START))?;
+    a.mov(r15d, iterations)?;
+    let dump = here(a)?;
+    a.mov(r12d, dword_ptr(rbx))?;
+    a.call(con.hex32)?;
+    a.add(rbx, 4)?;
+    a.dec(r15d)?;
+    a.jnz(dump)
 }
 
 /// Ends the run: i8042 reset (nvmm), then after RESET_WAIT_CYCLES a triple fault (QEMU's microvm
 /// has no i8042).
-fn stop(a: &mut Asm, null_idtr: usize) {
-    a.emit(&[0xb0, 0xfe]); // mov al, 0xfe                          i8042: pulse reset
-    a.emit(&[0xe6, 0x64]); // out 0x64, al
+fn stop(a: &mut CodeAssembler, null_idtr: u32) -> Result<(), IcedError> {
+    a.mov(al, 0xfeu32)?; // i8042: pulse reset
+    a.out(0x64u32, al)?;
     // Wait RESET_WAIT_CYCLES for a VMM's reset to take effect: the vCPU runs on while the VMM's main
     // loop handles it, and must not fault before (a fault can be reported first).
-    a.rdtsc64();
-    a.emit(&[0x49, 0x89, 0xc0]); // mov r8, rax                      start
-    let wait = a.here();
-    a.emit(&[0xf3, 0x90]); // pause
-    a.rdtsc64();
-    a.emit(&[0x4c, 0x29, 0xc0]); // sub rax, r8                      elapsed
-    a.emit(&[0x48, 0x3d]); // cmp rax, RESET_WAIT_CYCLES
-    a.emit(&RESET_WAIT_CYCLES.to_le_bytes());
-    a.jb(wait); // jb wait
-    a.emit(&[0x0f, 0x01, 0x1c, 0x25]); // lidt [null_idtr]
-    a.emit(&Asm::abs32(a.addr(null_idtr)));
+    rdtsc64(a)?;
+    a.mov(r8, rax)?; // start
+    let wait = here(a)?;
+    a.pause()?;
+    rdtsc64(a)?;
+    a.sub(rax, r8)?; // elapsed
+    a.cmp(rax, RESET_WAIT_CYCLES)?;
+    a.jb(wait)?;
+    a.lidt(ptr(u64::from(null_idtr)))?;
     // A load from a non-canonical address: #GP, which with no IDT becomes a triple fault. (Not
     // int3: KVM's instruction emulator, which runs CPL 0 on PVM, cannot execute it.)
-    a.emit(&[0xa0]); // mov al, [NON_CANONICAL]                    movabs, 64-bit address
-    a.emit(&NON_CANONICAL.to_le_bytes());
-    a.emit(&[0xf4]); // hlt                                         not reached
+    a.mov(al, byte_ptr(NON_CANONICAL))?;
+    a.hlt() // not reached
 }
 
 /// Wraps `code` (linked at CODE_START) in an ELF64 executable with one PT_LOAD segment and a
@@ -766,8 +729,9 @@ mod tests {
 
     #[test]
     fn loop_routine_is_timing_only() {
-        let mut a = Asm::new(CODE_START);
-        routine(&mut a, Kind::Loop, Hypercall::Vmmcall);
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut hlt = a.create_label();
+        routine(&mut a, Kind::Loop, Hypercall::Vmmcall, &mut hlt).unwrap();
         #[rustfmt::skip]
         let expected: &[u8] = &[
             0x0f, 0xae, 0xe8, 0x0f, 0x31, 0x41, 0x89, 0xc0,       // lfence; rdtsc; mov r8d, eax
@@ -776,12 +740,12 @@ mod tests {
             0x75, 0xe5,                                           // jnz top (-27)
             0xc3,                                                 // ret
         ];
-        assert_eq!(a.code, expected);
+        assert_eq!(a.assemble(CODE_START).unwrap(), expected);
     }
 
     #[test]
     fn each_kind_has_its_exiting_instruction_between_the_timestamps() {
-        let p = Program::new(Hypercall::Vmmcall);
+        let p = Program::new(Hypercall::Vmmcall).unwrap();
         let ops: [(Kind, &[u8]); 8] = [
             (Kind::Cpuid, &[0x31, 0xc0, 0x0f, 0xa2]),
             (Kind::PioUser, &[0xe6, PORT_USER]),
@@ -800,13 +764,13 @@ mod tests {
             assert_eq!(&code[start..start + op.len()], op, "{kind:?}");
             assert_eq!(&code[start + op.len()..start + op.len() + t1.len()], t1, "{kind:?}");
         }
-        let intel = Program::new(Hypercall::Vmcall);
+        let intel = Program::new(Hypercall::Vmcall).unwrap();
         assert!(find(&intel.code[intel.routine(Kind::Hypercall)..], &[0x0f, 0x01, 0xc1]).is_some());
     }
 
     #[test]
     fn hlt_routine_arms_the_deadline_halts_and_eois_after_t1() {
-        let p = Program::new(Hypercall::Vmmcall);
+        let p = Program::new(Hypercall::Vmmcall).unwrap();
         let code = &p.code[p.routine(Kind::HltIrq)..];
         // LVT timer: TSC-deadline mode, vector 0x40.
         assert_eq!(&code[..10], &[0xc7, 0x83, 0x20, 0x03, 0, 0, 0x40, 0, 0x04, 0]);
@@ -818,10 +782,18 @@ mod tests {
         assert_eq!(&code[t1 + 18..t1 + 20], &[0x89, 0x06]);
         // The handler compares the interrupted RIP with the hlt's address.
         let hlt_addr = Program::addr(p.routine(Kind::HltIrq) + arm + 3);
+        // push rax; lea rax, [rip + disp32]: the hlt's address.
         let h = &p.code[p.irq..];
-        assert_eq!(&h[..8], &[0x50, 0x48, 0x8b, 0x44, 0x24, 0x08, 0x48, 0x3d]);
-        assert_eq!(u32::from_le_bytes(h[8..12].try_into().unwrap()) as u64, hlt_addr);
-        assert_eq!(&h[12..], &[0x75, 0x0b, 0x48, 0xff, 0x44, 0x24, 0x08, 0x41, 0xbf, 1, 0, 0, 0, 0x58, 0x48, 0xcf]);
+        assert_eq!(&h[..4], &[0x50, 0x48, 0x8d, 0x05]);
+        let disp = i32::from_le_bytes(h[4..8].try_into().unwrap());
+        assert_eq!(Program::addr(p.irq + 8).wrapping_add_signed(disp.into()), hlt_addr);
+        // cmp [rsp + 8], rax; jne out; inc qword [rsp + 8]; mov r15d, 1; out: pop rax; iretq.
+        #[rustfmt::skip]
+        let rest: &[u8] = &[
+            0x48, 0x39, 0x44, 0x24, 0x08, 0x75, 0x0b, 0x48, 0xff, 0x44, 0x24, 0x08,
+            0x41, 0xbf, 1, 0, 0, 0, 0x58, 0x48, 0xcf,
+        ];
+        assert_eq!(&h[8..], rest);
         let eoi = find(code, &[0xc7, 0x83, 0xb0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
         assert!(eoi > t1);
         let inputs = Inputs::for_kind(Kind::HltIrq, 0, 5000);
@@ -830,7 +802,7 @@ mod tests {
 
     #[test]
     fn routines_return_and_stubs_report() {
-        let p = Program::new(Hypercall::Vmmcall);
+        let p = Program::new(Hypercall::Vmmcall).unwrap();
         assert_eq!(&p.code[p.done..p.done + 4], &[0xe6, PORT_DONE, 0xeb, 0xfc]);
         assert_eq!(&p.code[p.faults[13]..p.faults[13] + 6], &[0xb0, 13, 0xe6, PORT_FAULT, 0xeb, 0xfa]);
         for kind in Kind::ALL {
@@ -855,7 +827,7 @@ mod tests {
     #[test]
     fn tables_land_in_guest_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let p = Program::new(Hypercall::Vmmcall);
+        let p = Program::new(Hypercall::Vmmcall).unwrap();
         write_tables(&mem, &p).unwrap();
         let r = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
         assert_eq!(r(GDT_START + 8), gdt()[1]);
@@ -867,7 +839,7 @@ mod tests {
 
     #[test]
     fn pvh_image_is_an_elf_with_the_entry_note() {
-        let img = pvh_image(1000, Hypercall::Vmmcall);
+        let img = pvh_image(1000, Hypercall::Vmmcall).unwrap();
         assert_eq!(&img[..4], b"\x7fELF");
         assert_eq!(u16::from_le_bytes([img[56], img[57]]), 2, "two program headers");
         let note = find(&img, b"Xen\0").unwrap();
@@ -880,3 +852,4 @@ mod tests {
         assert!(find(&img, b"nvmm-bench-raw end\n\0").is_some());
     }
 }
+

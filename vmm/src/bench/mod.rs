@@ -1,7 +1,7 @@
 //! `nvmm bench exits`: the round-trip cost of each kind of VM exit, measured by a tiny built-in
 //! guest, at whatever layer nvmm runs (the same command inside an nvmm guest gives L2 figures).
 //!
-//! - `guest.rs`: the hand-assembled guest, one timing routine per kind of exit;
+//! - `guest.rs`: the guest (assembled with iced-x86), one timing routine per kind of exit;
 //! - `exits.rs`: the runner, a one-vCPU VM that runs each routine at the chosen CPL;
 //! - `stats.rs`: median, p99, min; KVM's own exit count (`vcpu::stats`) checks that each kind exits;
 //! - `report.rs`: the table and the JSON; `console.rs`: results printed by the standalone image.
@@ -95,6 +95,8 @@ pub enum Error {
     Kvm(#[from] kvm::Error),
     #[error(transparent)]
     Run(#[from] exits::Error),
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
     #[error("cannot write {0}: {1}")]
     Write(PathBuf, #[source] std::io::Error),
     #[error("cannot read {0}: {1}")]
@@ -115,7 +117,7 @@ fn run(args: ExitsArgs) -> Result<(), Error> {
     let host = Host::real();
     let hypercall = Hypercall::for_vendor(&host.vendor);
     if let Some(path) = &args.emit_guest {
-        std::fs::write(path, guest::pvh_image(iterations, hypercall)).map_err(|e| Error::Write(path.clone(), e))?;
+        std::fs::write(path, guest::pvh_image(iterations, hypercall)?).map_err(|e| Error::Write(path.clone(), e))?;
         println!("wrote {}: the bench guest as a PVH ELF, {iterations} iterations per kind", path.display());
         return Ok(());
     }

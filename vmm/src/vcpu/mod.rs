@@ -137,6 +137,7 @@ impl Vcpu {
 mod tests {
     use std::time::Instant;
 
+    use iced_x86::code_asm::{al, byte_ptr, dx, CodeAssembler};
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
@@ -144,6 +145,8 @@ mod tests {
     use crate::vm::Vm;
 
     const T: Duration = Duration::from_secs(5);
+    /// Where the real-mode test guests' code sits and starts (cs.base 0).
+    const CODE: u64 = 0x1000;
 
     fn wait_for_exits_above(h: &VcpuHandle, n: u64) -> u64 {
         let t = Instant::now();
@@ -166,14 +169,18 @@ mod tests {
             return;
         };
         let vm = Vm::create(&kvm, memory::create(64 << 20).unwrap()).unwrap();
-        // 0x1000: out 0x80, al; jmp 0x1000
-        vm.mem.write_slice(&[0xe6, 0x80, 0xeb, 0xfc], GuestAddress(0x1000)).unwrap();
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.anonymous_label().unwrap();
+        a.out(0x80u32, al).unwrap();
+        let top = a.bwd().unwrap();
+        a.jmp(top).unwrap();
+        vm.mem.write_slice(&a.assemble(CODE).unwrap(), GuestAddress(CODE)).unwrap();
         let vcpu = Vcpu::new(&vm.fd, 0).unwrap();
         let mut sregs = vcpu.fd.get_sregs().unwrap();
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
         vcpu.fd.set_sregs(&sregs).unwrap();
-        let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
+        let regs = kvm_bindings::kvm_regs { rip: CODE, rflags: 2, ..Default::default() };
         vcpu.fd.set_regs(&regs).unwrap();
 
         let exit = Arc::new(ExitSignal::new().unwrap());
@@ -219,23 +226,25 @@ mod tests {
         };
         // SAFETY: `mem` is a live 16 MiB mapping that outlives the VM fd, dropped at the end of the test.
         unsafe { fd.set_user_memory_region(region) }.unwrap();
-        let code = [
-            0xba, 0xf8, 0x03, // mov dx, 0x3f8
-            0xee, 0xee, 0xee, // out dx, al (x3): the named port device
-            0xe6, 0x80, // out 0x80, al: unclaimed
-            0xa0, 0x00, 0x00, // mov al, [0]: ds.base 0xd0000000, the named MMIO device
-            0xa0, 0x04, 0x00, // mov al, [4]
-            0xa0, 0x00, 0x10, // mov al, [0x1000]: past the device, unclaimed
-            0xf4, // hlt: no IRQ chip, so it exits to nvmm
-        ];
-        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.mov(dx, 0x3f8u32).unwrap();
+        for _ in 0..3 {
+            a.out(dx, al).unwrap(); // the named port device
+        }
+        a.out(0x80u32, al).unwrap(); // unclaimed
+        // ds.base is 0xd0000000: the named MMIO device, twice, then past it (unclaimed).
+        for offset in [0u32, 4, 0x1000] {
+            a.mov(al, byte_ptr(offset)).unwrap();
+        }
+        a.hlt().unwrap(); // no IRQ chip, so it exits to nvmm
+        mem.write_slice(&a.assemble(CODE).unwrap(), GuestAddress(CODE)).unwrap();
         let vcpu = Vcpu::new(&fd, 0).unwrap();
         let mut sregs = vcpu.fd.get_sregs().unwrap();
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
         sregs.ds.base = 0xd000_0000;
         vcpu.fd.set_sregs(&sregs).unwrap();
-        vcpu.fd.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() }).unwrap();
+        vcpu.fd.set_regs(&kvm_bindings::kvm_regs { rip: CODE, rflags: 2, ..Default::default() }).unwrap();
 
         let mut io = IoBuses::default();
         io.pio.insert_named(0x3f8, 8, "serial", Arc::new(Mutex::new(Sink))).unwrap();

@@ -245,7 +245,7 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), Error> {
     vcpu.set_lapic(&lapic).map_err(Error::Lapic)
 }
 
-// ---- For hand-assembled guests that run code in user mode and take interrupts (`nvmm bench`) ----
+// ---- For the small built-in guests that run code in user mode and take interrupts (`nvmm bench`) ----
 
 /// Ring-3 code and data descriptors: the ring-0 ones with DPL (access-byte bits 5..6) set to 3.
 pub const GDT_CODE64_USER: u16 = GDT_CODE64 | (3 << 5);
