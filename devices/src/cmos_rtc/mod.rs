@@ -311,6 +311,7 @@ impl CmosRtc {
             DAY => f.encode(date.day),
             MONTH => f.encode(date.month),
             YEAR => f.encode(date.year.rem_euclid(100) as u8),
+            // CENTURY, the last of TIME_REGISTERS.
             _ => f.encode(date.year.div_euclid(100).clamp(0, 99) as u8),
         }
     }

@@ -72,7 +72,8 @@ impl MutEventSubscriber for RtcTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmos_rtc::{HostClock, RtcLines};
+    use crate::bus::BusDevice;
+    use crate::cmos_rtc::{HostClock, RtcLines, ALARM_DONT_CARE, B_24_HOUR, B_AIE, HOURS_ALARM, MINUTES_ALARM, REG_B, SECONDS_ALARM};
     use crate::trigger::EventFdTrigger;
     use event_manager::{EventManager, SubscriberOps};
 
@@ -95,14 +96,11 @@ mod tests {
         };
         let rtc = Arc::new(Mutex::new(CmosRtc::new(Box::new(HostClock::new()), lines)));
         {
-            use crate::bus::BusDevice;
             let mut r = rtc.lock().unwrap();
-            for (reg, value) in [(super::super::SECONDS_ALARM, 0xff), (super::super::MINUTES_ALARM, 0xff), (super::super::HOURS_ALARM, 0xff)] {
+            for (reg, value) in [(SECONDS_ALARM, ALARM_DONT_CARE), (MINUTES_ALARM, ALARM_DONT_CARE), (HOURS_ALARM, ALARM_DONT_CARE), (REG_B, B_24_HOUR | B_AIE)] {
                 r.write(0, &[reg]);
                 r.write(1, &[value]);
             }
-            r.write(0, &[super::super::REG_B]);
-            r.write(1, &[super::super::B_24_HOUR | super::super::B_AIE]);
         }
         let mut events: EventManager<Arc<Mutex<RtcTimer>>> = EventManager::new().unwrap();
         events.add_subscriber(Arc::new(Mutex::new(RtcTimer::new(rtc.clone(), rearm).unwrap())));
