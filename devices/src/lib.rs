@@ -1,6 +1,8 @@
 pub mod acpi_pm;
+pub mod acpi_pm1;
 pub mod boot_timer;
 pub mod bus;
+pub mod cmos_rtc;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;

@@ -1,5 +1,6 @@
 //! kvm-unit-tests under nvmm in the lab, a representative subset that fits the suite's time budget:
-//! at L1 an exit test, an SMP test, the NPT tests and svm.flat's core subtests; at L2
+//! at L1 an exit test, an SMP test, a suspend to RAM and back (ACPI S3, woken by the CMOS RTC's
+//! alarm), the NPT tests and svm.flat's core subtests; at L2
 //! (nvmm --nested at L1 boots a Linux whose nvmm runs the test) the exit test and svm's core. The
 //! whole suite, side by side with QEMU, is `tools/kvm-unit-tests.sh` (see the README).
 
@@ -51,6 +52,7 @@ fn kvm_unit_tests_pass_at_l1() {
         "{RUN_ONE}
 kut vmexit_cpuid vmexit.flat 1 128M cpuid
 kut smptest smptest.flat 2 128M
+kut s3 s3.flat 1 128M
 kut svm_npt svm_npt.flat 2 1024M
 kut svm svm.flat 2 1024M {SVM_CORE}
 exit 0
@@ -62,6 +64,7 @@ exit 0
         .file(nvmm_bin(), "/lab/nvmm")
         .file(kut.join("vmexit.flat"), "/lab/kut/vmexit.flat")
         .file(kut.join("smptest.flat"), "/lab/kut/smptest.flat")
+        .file(kut.join("s3.flat"), "/lab/kut/s3.flat")
         .file(kut.join("svm_npt.flat"), "/lab/kut/svm_npt.flat")
         .file(kut.join("svm.flat"), "/lab/kut/svm.flat")
         .run(&script);
@@ -71,6 +74,13 @@ exit 0
     run.assert_marker("vmexit_cpuid: cpuid ");
     assert_passed(&run, "smptest", Some("1 tests"));
     run.assert_marker("smptest: found 2 cpus");
+    // s3 passes from its resume code, which reports the word the code after the sleep request
+    // would have set to 1. An nvmm error also exits 1: the test must have reached its sleep, and
+    // nvmm must have said nothing of an error.
+    assert_passed(&run, "s3", None);
+    run.assert_marker("s3: resume vector addr is");
+    run.assert_marker("s3: PM1a event registers at 60c");
+    assert!(!run.has("s3: nvmm: error"), "nvmm failed in s3; console tail:\n{}", run.tail(60));
     assert_passed(&run, "svm_npt", Some("138 tests, 3 skipped"));
     assert_passed(&run, "svm", Some("11 tests"));
     for sub in ["null", "vmrun", "ioio", "asid_zero", "tsc_adjust", "svm_intr_intercept_mix_smi"] {

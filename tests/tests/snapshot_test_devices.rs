@@ -1,8 +1,10 @@
-//! The kvm-unit-tests devices (fw_cfg, the ACPI PM timer, `--debug-exit`) survive a snapshot, on
-//! this machine's own /dev/kvm: a Multiboot kernel made here reads the first byte of fw_cfg's
-//! signature, then spins on a gate byte in its own image. The test pauses it there, saves it, kills
-//! nvmm and opens the gate in the snapshot's memory file, so only the restored VM goes on: it reads
-//! the next fw_cfg byte and the PM timer and writes what it found to the debug-exit port.
+//! The kvm-unit-tests devices (fw_cfg, the ACPI PM timer, the CMOS RTC, the PM1 blocks,
+//! `--debug-exit`) survive a snapshot, on this machine's own /dev/kvm: a Multiboot kernel made
+//! here reads the first byte of fw_cfg's signature, writes a byte of CMOS RAM and sets RTC_EN, then
+//! spins on a gate byte in its own image. The test pauses it there, saves it, kills nvmm and opens
+//! the gate in the snapshot's memory file, so only the restored VM goes on: it reads the next
+//! fw_cfg byte, the PM timer, the CMOS byte and the PM1 enable register and writes what it found to
+//! the debug-exit port.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,16 +19,25 @@ const FW_CFG_SELECTOR: u32 = 0x510;
 const FW_CFG_DATA: u32 = 0x511;
 const COM1: u32 = 0x3f8;
 const PM_TIMER: u32 = 0x608;
+const RTC_INDEX: u32 = 0x70;
+const RTC_DATA: u32 = 0x71;
+/// A byte of the RTC's RAM, and what the kernel writes there.
+const CMOS_BYTE: u32 = 0x40;
+const CMOS_MARK: u32 = 0x5a;
+const PM1A_ENABLE: u32 = 0x60e;
+const RTC_EN: u32 = 0x400;
 /// The i8042's command port, and the command that pulses the reset line.
 const I8042_COMMAND: u32 = 0x64;
 const I8042_RESET: u32 = 0xfe;
 const DEBUG_EXIT: u8 = 0xf4;
 /// What the kernel writes to the debug-exit port: the fw_cfg byte it read after the restore, less
 /// 'A' ('E', the signature's second byte, gives 4; a fresh fw_cfg's 'Q' 16; no fw_cfg 0xbe), with
-/// `NO_PM_TIMER` added when the PM timer reads as a floating port (all ones).
+/// `NO_PM_TIMER` added when the PM timer reads as a floating port (all ones), and
+/// `RTC_OR_PM1_LOST` when the CMOS byte or RTC_EN did not come back.
 const FW_CFG_BIAS: u8 = b'A';
 const NO_PM_TIMER: u8 = 0x40;
-/// The status the restored nvmm exits with when all three devices are back: (4 << 1) | 1.
+const RTC_OR_PM1_LOST: u8 = 0x20;
+/// The status the restored nvmm exits with when every device is back: (4 << 1) | 1.
 const ALL_BACK: i32 = ((b'E' - FW_CFG_BIAS) as i32) << 1 | 1;
 
 /// The kernel's 32-bit code (entered with paging off, flat segments) and where its gate byte is.
@@ -45,6 +56,7 @@ fn gate_kernel_code(gate_addr: u32) -> Result<(Vec<u8>, u32), IcedError> {
     let entry = u64::from(LOAD_ADDR + ADDRESS_HEADER_LEN);
     let mut a = CodeAssembler::new(32)?;
     let (mut gate_byte, mut pm_timer_read) = (a.create_label(), a.create_label());
+    let (mut lost, mut kept) = (a.create_label(), a.create_label());
     a.mov(dx, FW_CFG_SELECTOR)?;
     a.xor(eax, eax)?;
     a.out(dx, ax)?; // select the signature, "QEMU"
@@ -54,6 +66,13 @@ fn gate_kernel_code(gate_addr: u32) -> Result<(Vec<u8>, u32), IcedError> {
     a.out(dx, al)?;
     a.mov(al, u32::from(b'\n'))?;
     a.out(dx, al)?;
+    a.mov(al, CMOS_BYTE)?;
+    a.out(RTC_INDEX, al)?;
+    a.mov(al, CMOS_MARK)?;
+    a.out(RTC_DATA, al)?;
+    a.mov(dx, PM1A_ENABLE)?;
+    a.mov(ax, RTC_EN)?;
+    a.out(dx, ax)?;
     let gate = tiny::here(&mut a)?;
     a.cmp(byte_ptr(gate_addr), 0)?;
     a.je(gate)?;
@@ -71,6 +90,18 @@ fn gate_kernel_code(gate_addr: u32) -> Result<(Vec<u8>, u32), IcedError> {
     a.jz(pm_timer_read)?;
     a.or(bl, u32::from(NO_PM_TIMER))?;
     a.set_label(&mut pm_timer_read)?;
+    a.mov(al, CMOS_BYTE)?;
+    a.out(RTC_INDEX, al)?;
+    a.in_(al, RTC_DATA)?;
+    a.cmp(al, CMOS_MARK)?;
+    a.jne(lost)?;
+    a.mov(dx, PM1A_ENABLE)?;
+    a.in_(ax, dx)?;
+    a.cmp(ax, RTC_EN)?;
+    a.je(kept)?;
+    a.set_label(&mut lost)?;
+    a.or(bl, u32::from(RTC_OR_PM1_LOST))?;
+    a.set_label(&mut kept)?;
     a.mov(al, bl)?;
     a.out(u32::from(DEBUG_EXIT), al)?;
     // Without a debug-exit port the kernel carries on: an i8042 reset ends nvmm with status 0.
@@ -123,8 +154,9 @@ fn saved_at_the_gate(dir: &Path, extra: &[&str]) -> PathBuf {
     snap
 }
 
-/// With `--debug-exit`, the restored VM has all three devices, fw_cfg where the guest left it: the
-/// guest's write ends the restored nvmm with the status it carries.
+/// With `--debug-exit`, the restored VM has all its devices, fw_cfg where the guest left it, the
+/// CMOS byte and RTC_EN as it wrote them: the guest's write ends the restored nvmm with the status
+/// it carries.
 #[test]
 fn the_test_devices_and_their_state_come_back_after_a_restore() {
     let dir = scratch_dir("snap-test-devices");
@@ -132,7 +164,9 @@ fn the_test_devices_and_their_state_come_back_after_a_restore() {
     let (code, out, err) = run_nvmm(&[], &["snapshot-info", snap.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((&info["machine"]["debug_exit"], &info["machine"]["pm_timer"]), (&true.into(), &true.into()), "{info}");
+    for device in ["debug_exit", "pm_timer", "cmos_rtc", "acpi_pm1"] {
+        assert_eq!(info["machine"][device], true, "{device}: {info}");
+    }
     assert_eq!(restore(&snap), Some(ALL_BACK));
 }
 

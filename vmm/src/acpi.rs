@@ -4,8 +4,13 @@
 //! IOAPIC, and a DSDT describing COM1 and each virtio-mmio window. Built with rust-vmm's
 //! `acpi_tables` and written to the BIOS area below 1 MiB, which the E820 map already reserves
 //! and where Linux also scans for the RSDP when no boot protocol hands it the address.
+//!
+//! A Multiboot kernel (kvm-unit-tests) gets the FADT of a PC with fixed hardware instead, as QEMU
+//! gives it: the PM timer, the PM1 event and control blocks through which it sleeps in S3, the
+//! CMOS RTC, and a FACS, where it leaves the address its resume code is to run at.
 
 use acpi_tables::aml::{Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO};
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -14,6 +19,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 use nvmm_devices::acpi_pm::{self, ACPI_PM_PORT};
+use nvmm_devices::acpi_pm1::{self, PM1_PORT};
+use nvmm_devices::cmos_rtc;
 use nvmm_devices::pm_timer::{self, PM_TIMER_PORT};
 use nvmm_devices::serial;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -31,6 +38,15 @@ const DSDT_REVISION: u8 = 6;
 const SDT_HEADER_LEN: u32 = 36;
 /// Tables start on 16-byte boundaries (the RSDP must; the others are merely tidy).
 const TABLE_ALIGN: u64 = 16;
+/// The FACS must start on a 64-byte boundary (ACPI 6.5, 5.2.10).
+const FACS_ALIGN: u64 = 64;
+/// Where the FIRMWARE_CTRL field points in a FACS: the real-mode waking vector and its 64-bit
+/// successor (which nvmm does not honour).
+pub const FACS_WAKING_VECTOR: u64 = std::mem::offset_of!(FACS, waking) as u64;
+pub const FACS_X_WAKING_VECTOR: u64 = std::mem::offset_of!(FACS, x_waking) as u64;
+/// The ISA interrupt the SCI is wired to on a PC. Named in the FADT, as ACPI asks; nothing raises
+/// it (see `nvmm_devices::acpi_pm1`).
+const SCI_IRQ: u16 = 9;
 /// IAPC_BOOT_ARCH: no VGA, no MSI (nvmm has no PCI), no CMOS RTC. The 8042 bit stays clear, so
 /// Linux does not probe a keyboard controller; `reboot=k` still reaches the i8042's reset line.
 const BOOT_ARCH_NO_VGA: u16 = 1 << 2;
@@ -45,6 +61,17 @@ const ISA_BUS: u8 = 0;
 const ALL_PROCESSORS: u8 = 0xff;
 const PIT_IRQ: u8 = 0;
 const LINT1: u8 = 1;
+
+/// The platform the tables describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// Linux guests: hardware-reduced, with no PM timer (which Linux would take, a VM exit per
+    /// read, as its TSC's watchdog) and no RTC.
+    HardwareReduced,
+    /// Multiboot kernels: fixed hardware, as kvm-unit-tests expect of QEMU's PC (see the module
+    /// documentation).
+    FixedHardware,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,8 +123,9 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// The DSDT: COM1, each virtio-mmio window (`LNRO0005`, the ID Linux's virtio_mmio driver
-/// matches), and `_S5_`, the sleep type that powers off.
-pub fn dsdt(virtio: &[MmioWindow]) -> Vec<u8> {
+/// matches), and `_S5_`, the sleep type that powers off (with fixed hardware also `_S3_`, the one
+/// that suspends to RAM).
+pub fn dsdt(virtio: &[MmioWindow], platform: Platform) -> Vec<u8> {
     let mut body = Vec::new();
     // Name::new encodes its value at once, so the resource descriptors need not outlive it.
     let com1_crs = Name::new(
@@ -128,6 +156,9 @@ pub fn dsdt(virtio: &[MmioWindow]) -> Vec<u8> {
             vec![&Name::new("_HID".into(), &"LNRO0005"), &Name::new("_UID".into(), &uid), &crs],
         )
         .to_aml_bytes(&mut body);
+    }
+    if platform == Platform::FixedHardware {
+        Name::new("_S3_".into(), &Package::new(vec![&acpi_pm1::S3_SLEEP_TYPE])).to_aml_bytes(&mut body);
     }
     Name::new("_S5_".into(), &Package::new(vec![&acpi_pm::S5_SLEEP_TYPE])).to_aml_bytes(&mut body);
 
@@ -170,27 +201,68 @@ fn io_register(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
-/// The FADT of a hardware-reduced platform: the DSDT, the sleep and reset registers, and the PM
-/// timer if there is one.
-pub fn fadt(dsdt_addr: u64, pm_timer: bool) -> Vec<u8> {
+/// A block of 16-bit I/O registers, `len` bytes long.
+fn io_block(port: u64, len: u8) -> GAS {
+    GAS::new(AddressSpace::SystemIo, len * 8, 0, AccessSize::WordAccess, port)
+}
+
+/// The FADT: the DSDT, the sleep and reset registers Linux uses; with fixed hardware (`facs` is
+/// then the FACS's address) also the PM timer, the PM1 blocks and the RTC's century register.
+pub fn fadt(dsdt_addr: u64, facs: Option<u32>) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"NVMMFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
-        .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
-        // Set means "no fixed-feature button", which a hardware-reduced platform has not.
+        // Set means "no fixed-feature button": nvmm has neither.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.iapc_boot_arch = (BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_MSI | BOOT_ARCH_NO_CMOS_RTC).into();
+    let mut boot_arch = BOOT_ARCH_NO_VGA | BOOT_ARCH_NO_MSI;
+    match facs {
+        None => {
+            fadt = fadt.flag(Flags::HwReducedAcpi);
+            boot_arch |= BOOT_ARCH_NO_CMOS_RTC;
+        }
+        Some(facs) => {
+            // FIRMWARE_CTRL, the 32-bit field kvm-unit-tests read (X_FIRMWARE_CTRL stays 0).
+            // WBINVD works, so a guest can flush its caches before it sleeps.
+            fadt = fadt.firmware_ctrl_32(facs).flag(Flags::Wbinvd);
+            fixed_hardware(&mut fadt);
+        }
+    }
+    fadt.iapc_boot_arch = boot_arch.into();
     fadt.sleep_control_reg = io_register(ACPI_PM_PORT + acpi_pm::SLEEP_CONTROL);
     fadt.sleep_status_reg = io_register(ACPI_PM_PORT + acpi_pm::SLEEP_STATUS);
     fadt.reset_reg = io_register(ACPI_PM_PORT + acpi_pm::RESET);
     fadt.reset_value = acpi_pm::RESET_VALUE;
-    if pm_timer {
-        fadt.pm_tmr_blk = (PM_TIMER_PORT as u32).into();
-        fadt.pm_tmr_len = pm_timer::PORT_COUNT as u8;
-        fadt.x_pm_tmr_blk = GAS::new(AddressSpace::SystemIo, 32, 0, AccessSize::DwordAccess, PM_TIMER_PORT);
-    }
     bytes(&fadt.finalize())
+}
+
+/// The fixed-hardware fields, each in its 32-bit form (which kvm-unit-tests read) and its
+/// generic-address form (which ACPI 2.0+ guests prefer). No SMI command port: ACPI mode is on
+/// from the start.
+fn fixed_hardware(fadt: &mut FADTBuilder) {
+    fadt.sci_int = SCI_IRQ.into();
+    fadt.pm1a_evt_blk = (PM1_PORT as u32).into();
+    fadt.pm1_evt_len = acpi_pm1::EVENT_BLOCK_LEN;
+    fadt.x_pm1a_evt_blk = io_block(PM1_PORT, acpi_pm1::EVENT_BLOCK_LEN);
+    let control = PM1_PORT + acpi_pm1::CONTROL;
+    fadt.pm1a_cnt_blk = (control as u32).into();
+    fadt.pm1_cnt_len = acpi_pm1::CONTROL_BLOCK_LEN;
+    fadt.x_pm1a_cnt_blk = io_block(control, acpi_pm1::CONTROL_BLOCK_LEN);
+    fadt.pm_tmr_blk = (PM_TIMER_PORT as u32).into();
+    fadt.pm_tmr_len = pm_timer::PORT_COUNT as u8;
+    fadt.x_pm_tmr_blk = GAS::new(AddressSpace::SystemIo, 32, 0, AccessSize::DwordAccess, PM_TIMER_PORT);
+    fadt.century = cmos_rtc::CENTURY;
+}
+
+/// The FACS: only its waking vectors mean anything to nvmm, and the guest writes them.
+pub fn facs() -> Vec<u8> {
+    bytes(&FACS::new())
+}
+
+/// Where [`setup`] places the FACS: first after the RSDP, so that it is found at the same place in
+/// every VM (and in a snapshot of one) without reading the tables back.
+pub fn facs_addr() -> u64 {
+    (ACPI_TABLES_START + Rsdp::len() as u64).next_multiple_of(FACS_ALIGN)
 }
 
 /// Every table, each with the guest-physical address it is written at.
@@ -200,23 +272,26 @@ pub struct Tables {
 }
 
 /// Lays the tables out from `start`: the RSDP first (Linux's scan finds it at the start of the
-/// BIOS area), then the DSDT, FADT, MADT and XSDT, each after the tables it points to.
-pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow], pm_timer: bool) -> Result<Tables, Error> {
+/// BIOS area), with fixed hardware the FACS, then the DSDT, FADT, MADT and XSDT, each after the
+/// tables it points to.
+pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow], platform: Platform) -> Result<Tables, Error> {
     let mut placed = Vec::new();
     let mut next = start + Rsdp::len() as u64;
-    let mut place = |table: Vec<u8>| {
-        let addr = next.next_multiple_of(TABLE_ALIGN);
+    let mut place = |table: Vec<u8>, align: u64| {
+        let addr = next.next_multiple_of(align);
         next = addr + table.len() as u64;
         placed.push((addr, table));
         addr
     };
-    let dsdt_addr = place(dsdt(virtio));
-    let fadt_addr = place(fadt(dsdt_addr, pm_timer));
-    let madt_addr = place(madt(cpus));
+    // Below 1 MiB, so its address fits FIRMWARE_CTRL.
+    let facs = (platform == Platform::FixedHardware).then(|| place(facs(), FACS_ALIGN) as u32);
+    let dsdt_addr = place(dsdt(virtio, platform), TABLE_ALIGN);
+    let fadt_addr = place(fadt(dsdt_addr, facs), TABLE_ALIGN);
+    let madt_addr = place(madt(cpus), TABLE_ALIGN);
     let mut xsdt = XSDT::new(OEM_ID, *b"NVMMXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
-    let xsdt_addr = place(bytes(&xsdt));
+    let xsdt_addr = place(bytes(&xsdt), TABLE_ALIGN);
     placed.insert(0, (start, bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
     let end = placed.iter().map(|(a, t)| a + t.len() as u64).max().unwrap_or(start);
     if end > ACPI_TABLES_END {
@@ -225,11 +300,10 @@ pub fn build(start: u64, cpus: u8, virtio: &[MmioWindow], pm_timer: bool) -> Res
     Ok(Tables { rsdp_addr: start, placed })
 }
 
-/// Writes the tables for `cpus` vCPUs and the `virtio` windows; returns the RSDP's address.
-/// `pm_timer` names the ACPI PM timer in the FADT: for kvm-unit-tests, not for Linux, whose TSC is
-/// its clocksource and which would take the PM timer, a VM exit per read, as the TSC's watchdog.
-pub fn setup(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioWindow], pm_timer: bool) -> Result<u64, Error> {
-    let tables = build(ACPI_TABLES_START, cpus, virtio, pm_timer)?;
+/// Writes the tables for `cpus` vCPUs, the `virtio` windows and `platform`; returns the RSDP's
+/// address.
+pub fn setup(mem: &GuestMemoryMmap, cpus: u8, virtio: &[MmioWindow], platform: Platform) -> Result<u64, Error> {
+    let tables = build(ACPI_TABLES_START, cpus, virtio, platform)?;
     for (addr, table) in &tables.placed {
         mem.write_slice(table, GuestAddress(*addr)).map_err(Error::Write)?;
     }
@@ -274,7 +348,7 @@ mod tests {
 
     #[test]
     fn every_checksum_adds_up_and_lengths_match() {
-        let t = build(ACPI_TABLES_START, 4, &windows(3), false).unwrap();
+        let t = build(ACPI_TABLES_START, 4, &windows(3), Platform::HardwareReduced).unwrap();
         let rsdp = table(&t, t.rsdp_addr);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
@@ -288,7 +362,7 @@ mod tests {
 
     #[test]
     fn pointers_lead_from_the_rsdp_to_every_table() {
-        let t = build(ACPI_TABLES_START, 2, &windows(1), false).unwrap();
+        let t = build(ACPI_TABLES_START, 2, &windows(1), Platform::HardwareReduced).unwrap();
         let xsdt = table(&t, u64_at(table(&t, t.rsdp_addr), 24));
         assert_eq!(&xsdt[..4], b"XSDT");
         let entries: Vec<&[u8]> = (36..xsdt.len()).step_by(8).map(|o| table(&t, u64_at(xsdt, o))).collect();
@@ -299,16 +373,51 @@ mod tests {
         assert_eq!(&table(&t, u64_at(fadt, 140))[..4], b"DSDT");
         let flags = u32_at(fadt, 112);
         assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
-        // No PM timer (PM_TMR_BLK at offset 76) unless asked for.
-        assert_eq!(u32_at(fadt, 76), 0);
-        let with_timer = super::fadt(0, true);
-        assert_eq!((u32_at(&with_timer, 76), with_timer[91]), (PM_TIMER_PORT as u32, 4));
-        assert_eq!(u64_at(&with_timer, 208 + 4), PM_TIMER_PORT);
-        assert_eq!(sum(&with_timer), 0);
+        // No FACS (FIRMWARE_CTRL at offset 36), PM timer (PM_TMR_BLK at 76), PM1 blocks (56, 64)
+        // or RTC (IAPC_BOOT_ARCH at 109 says so) for Linux.
+        assert_eq!([u32_at(fadt, 36), u32_at(fadt, 76), u32_at(fadt, 56), u32_at(fadt, 64)], [0; 4]);
+        assert_ne!(u16::from_le_bytes([fadt[109], fadt[110]]) & BOOT_ARCH_NO_CMOS_RTC, 0);
+        assert_eq!(count(table(&t, u64_at(fadt, 140)), b"_S3_"), 0);
         assert_ne!(flags & Flags::ResetRegSup as u32, 0);
         // Sleep control (offset 244) and reset (116) registers are nvmm's ports.
         assert_eq!((fadt[244], u64_at(fadt, 248)), (AddressSpace::SystemIo as u8, ACPI_PM_PORT + acpi_pm::SLEEP_CONTROL));
         assert_eq!((fadt[116], u64_at(fadt, 120), fadt[128]), (AddressSpace::SystemIo as u8, ACPI_PM_PORT + acpi_pm::RESET, acpi_pm::RESET_VALUE));
+    }
+
+    /// What kvm-unit-tests' s3.c reads: FIRMWARE_CTRL to the FACS, whose waking vector it writes,
+    /// and the PM1a event and control blocks' ports.
+    #[test]
+    fn fixed_hardware_has_a_facs_pm1_blocks_a_pm_timer_and_an_rtc() {
+        let t = build(ACPI_TABLES_START, 1, &[], Platform::FixedHardware).unwrap();
+        let xsdt = table(&t, u64_at(table(&t, t.rsdp_addr), 24));
+        let fadt = table(&t, u64_at(xsdt, 36));
+        assert_eq!(&fadt[..4], b"FACP");
+        assert_eq!(sum(fadt), 0);
+        assert_eq!(u32_at(fadt, 112) & Flags::HwReducedAcpi as u32, 0, "not hardware-reduced");
+        let facs_at = u64::from(u32_at(fadt, 36));
+        assert_eq!((facs_at, facs_at % FACS_ALIGN, u64_at(fadt, 132)), (facs_addr(), 0, 0), "FIRMWARE_CTRL only");
+        let facs = table(&t, facs_at);
+        assert_eq!((&facs[..4], u32_at(facs, 4) as usize, facs.len()), (&b"FACS"[..], 64, 64));
+        assert_eq!((u32_at(facs, FACS_WAKING_VECTOR as usize), u64_at(facs, FACS_X_WAKING_VECTOR as usize)), (0, 0));
+        assert_eq!((FACS_WAKING_VECTOR, FACS_X_WAKING_VECTOR), (12, 24));
+        // PM1a_EVT_BLK, PM1a_CNT_BLK and their lengths; the generic-address forms agree.
+        assert_eq!((u32_at(fadt, 56), u32_at(fadt, 64), fadt[88], fadt[89]), (0x60c, 0x610, 4, 2));
+        assert_eq!((fadt[148], fadt[149], u64_at(fadt, 152)), (AddressSpace::SystemIo as u8, 32, 0x60c));
+        assert_eq!((fadt[172], fadt[173], u64_at(fadt, 176)), (AddressSpace::SystemIo as u8, 16, 0x610));
+        // No SMI command port: ACPI mode is always on. SCI on IRQ 9.
+        assert_eq!((u32_at(fadt, 48), u16::from_le_bytes([fadt[46], fadt[47]])), (0, 9));
+        assert_eq!((u32_at(fadt, 76), fadt[91], u64_at(fadt, 208 + 4)), (PM_TIMER_PORT as u32, 4, PM_TIMER_PORT));
+        // The RTC is there, with its century in CMOS byte 0x32.
+        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]) & BOOT_ARCH_NO_CMOS_RTC, 0);
+        assert_eq!(fadt[108], 0x32);
+        // The sleep and reset registers stay where Linux guests have them.
+        assert_eq!((u64_at(fadt, 248), u64_at(fadt, 120)), (ACPI_PM_PORT + acpi_pm::SLEEP_CONTROL, ACPI_PM_PORT + acpi_pm::RESET));
+        let dsdt = table(&t, u64_at(fadt, 140));
+        assert_eq!((sum(dsdt), count(dsdt, b"_S3_"), count(dsdt, b"_S5_")), (0, 1, 1));
+        // The FACS has no checksum; every other table still adds up.
+        for (addr, bytes) in t.placed.iter().skip(1).filter(|(a, _)| *a != facs_at) {
+            assert_eq!(sum(bytes), 0, "table at {addr:#x}");
+        }
     }
 
     #[test]
@@ -342,7 +451,7 @@ mod tests {
     fn dsdt_describes_each_virtio_window_once() {
         for n in [0usize, 1, 2, 19] {
             let w = windows(n);
-            let d = dsdt(&w);
+            let d = dsdt(&w, Platform::HardwareReduced);
             assert_eq!(&d[..4], b"DSDT");
             assert_eq!(sum(&d), 0);
             assert_eq!(count(&d, b"LNRO0005\0"), n, "{n} devices");
@@ -366,11 +475,14 @@ mod tests {
     #[test]
     fn the_largest_machine_fits_and_lands_in_guest_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp = setup(&mem, crate::config::MAX_CPUS, &windows(19), true).unwrap();
+        let rsdp = setup(&mem, crate::config::MAX_CPUS, &windows(19), Platform::FixedHardware).unwrap();
         assert_eq!(rsdp, ACPI_TABLES_START);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
-        assert!(matches!(build(ACPI_TABLES_END - 64, 1, &[], false), Err(Error::TooLarge(_))));
+        let mut facs = [0u8; 4];
+        mem.read_slice(&mut facs, GuestAddress(facs_addr())).unwrap();
+        assert_eq!(&facs, b"FACS");
+        assert!(matches!(build(ACPI_TABLES_END - 64, 1, &[], Platform::HardwareReduced), Err(Error::TooLarge(_))));
     }
 }

@@ -14,17 +14,18 @@ use crate::api::server::{self as api_server, ApiServer};
 use crate::boot::{self, BootExtras, Entry};
 use crate::config::{DiskConfig, NetConfig, RestoreConfig, VmConfig};
 use crate::cpuid;
-use crate::devices::{self, ConsoleInput, ExitWatcher, Legacy, Subscriber, TestDevices};
+use crate::devices::{self, ConsoleInput, ExitWatcher, Legacy, Subscriber, TestDevices, TestWiring};
 use crate::host::{Host, Vendor};
 use crate::kvm;
 use crate::mailbox::mailbox;
 use crate::memory;
 use crate::mptable;
 use crate::nested;
+use crate::sleep::SleepWatcher;
 use crate::snapshot::{self, DiskRecord, Machine, NetRecord, Snapshot};
 use crate::terminal::RawMode;
 use crate::vcpu::persist::{self, SaveSpec};
-use crate::vcpu::{self, regs, ExitSignal, IoBuses, Vcpu, VmExit};
+use crate::vcpu::{self, regs, IoBuses, Vcpu, VmExit, VmSignals};
 use crate::virtio::Attached;
 use crate::vm::Vm;
 use crate::vmm::{self as running, Facts, Parts, Persisted, StartupStages, Vmm};
@@ -114,7 +115,8 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     mptable::setup(&vm.mem, config.cpus)?;
     let multiboot = matches!(kernel.entry, Entry::Multiboot { .. });
     let machine = machine_of(config, &virtio, multiboot);
-    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows, machine.pm_timer)?) } else { None };
+    let platform = if multiboot { acpi::Platform::FixedHardware } else { acpi::Platform::HardwareReduced };
+    let rsdp = if config.acpi { Some(acpi::setup(&vm.mem, config.cpus, &virtio.windows, platform)?) } else { None };
     if multiboot {
         let cmdline = config.cmdline.as_deref().unwrap_or("");
         let module = config.initrd.as_deref().zip(initrd);
@@ -129,15 +131,16 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     }
     stages.mark("tables", start);
 
-    let exit = exit_signal()?;
-    let test_devices = devices::setup_test_devices(&mut io, &machine, exit.clone())?;
+    let signals = vm_signals()?;
+    let wiring = TestWiring { vm: &vm, signals: &signals, power_off: &legacy.power_off };
+    let test_devices = devices::setup_test_devices(&mut io, &machine, wiring)?;
 
     let vcpus = create_vcpus(&kvm, &vm, &host, config)?;
     let gdt = regs::write_boot_tables(&vm.mem, kernel.entry).map_err(Error::BootTables)?;
     vcpus[0].configure_boot(kernel.entry, &gdt)?;
     stages.mark("vcpus", start);
 
-    launch(Launch { api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, exit, paused: false, start, stages })
+    launch(Launch { api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, signals, paused: false, start, stages })
 }
 
 /// Starts the VM saved in `restore.dir` where it stopped, and returns how it ended.
@@ -175,8 +178,9 @@ pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit
     let (disks, nets) = device_configs(&machine);
     let virtio = crate::virtio::attach(&vm, &mut io, &disks, &nets)?;
     check_disks(&machine.disks, &virtio)?;
-    let exit = exit_signal()?;
-    let test_devices = devices::setup_test_devices(&mut io, &machine, exit.clone())?;
+    let signals = vm_signals()?;
+    let wiring = TestWiring { vm: &vm, signals: &signals, power_off: &legacy.power_off };
+    let test_devices = devices::setup_test_devices(&mut io, &machine, wiring)?;
 
     let mut vcpus = Vec::with_capacity(snap.vcpus.len());
     for state in &snap.vcpus {
@@ -193,7 +197,7 @@ pub fn restore_and_run(restore: &RestoreConfig, start: Instant) -> Result<VmExit
     log::info!("restored from {} in {:.1} ms (process start to vCPU threads starting)", restore.dir.display(), start.elapsed().as_secs_f64() * 1000.0);
     let mut stages = StartupStages::default();
     stages.mark("restore", start);
-    launch(Launch { api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, exit, paused: restore.paused, start, stages })
+    launch(Launch { api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, signals, paused: restore.paused, start, stages })
 }
 
 /// What both builds hand over to [`launch`].
@@ -208,26 +212,32 @@ struct Launch {
     virtio: Attached,
     vcpus: Vec<Vcpu>,
     machine: Machine,
-    /// How the VM ends; devices that end it (debug-exit) hold it already.
-    exit: Arc<ExitSignal>,
+    /// How the VM ends and sleeps; devices that end it (debug-exit) or put it to sleep (the PM1
+    /// blocks) hold them already.
+    signals: VmSignals,
     paused: bool,
     start: Instant,
     stages: StartupStages,
 }
 
-fn exit_signal() -> Result<Arc<ExitSignal>, Error> {
-    Ok(Arc::new(ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?))
+fn vm_signals() -> Result<VmSignals, Error> {
+    VmSignals::new().map_err(|e| Error::EventLoop(e.to_string()))
 }
 
 /// Starts the console, the device loops, the API and the vCPU threads, then runs the VM.
 fn launch(l: Launch) -> Result<VmExit, Error> {
-    let Launch { mut api, kvm, host, vm, io, legacy, test_devices, virtio, vcpus, machine, exit, paused, start, mut stages } = l;
+    let Launch { mut api, kvm, host, vm, io, legacy, mut test_devices, virtio, vcpus, machine, signals, paused, start, mut stages } = l;
+    let exit = signals.exit.clone();
     let spec = Arc::new(save_spec(&kvm, &host, machine.nested)?);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { signal: exit.clone(), reset: legacy.reset, power_off: legacy.power_off })));
     events.add_subscriber(Arc::new(Mutex::new(crate::signals::StopSignals::install().map_err(|e| Error::EventLoop(format!("cannot handle SIGTERM and SIGINT: {e}")))?)));
     events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(legacy.serial.clone(), legacy.serial_room.clone()))));
+    events.add_subscriber(Arc::new(Mutex::new(SleepWatcher(signals.sleep.clone()))));
+    if let Some(timer) = test_devices.rtc_timer.take() {
+        events.add_subscriber(Arc::new(Mutex::new(timer)));
+    }
     let device_loops = crate::virtio::spawn_event_loops(virtio.subscribers)?;
     let api_calls = match api.as_mut() {
         Some(server) => {
@@ -241,11 +251,12 @@ fn launch(l: Launch) -> Result<VmExit, Error> {
     stages.mark("device and API threads", start);
     let _raw = RawMode::enter();
     let io = Arc::new(io);
-    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), exit.clone(), paused, start)).collect::<Result<_, _>>()?;
+    let vcpus = vcpus.into_iter().map(|v| v.start(&vm.fd, io.clone(), signals.clone(), paused, start)).collect::<Result<_, _>>()?;
     log::debug!("VM started in {:.1} ms", start.elapsed().as_secs_f64() * 1000.0);
     let facts = Facts { cpus: machine.cpus, mem_bytes: machine.mem_bytes, layer: host.layer.number(), nested: machine.nested, started: start, stages };
     let persisted = Persisted { machine, spec, serial: legacy.serial, i8042: legacy.i8042, test_devices, transports: virtio.transports };
-    let vmm = Vmm::new(Parts { vm, events, exit, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts, persisted, paused })?;
+    let sleep = signals.sleep;
+    let vmm = Vmm::new(Parts { vm, events, exit, sleep, vcpus, devices: device_loops, disks: virtio.disks, api: api_calls, facts, persisted, paused })?;
     Ok(vmm.run()?)
 }
 
@@ -280,7 +291,7 @@ fn save_spec(kvm: &Kvm, host: &Host, nested: bool) -> Result<SaveSpec, Error> {
 }
 
 /// The machine as a snapshot records it. A Multiboot kernel (kvm-unit-tests) with ACPI gets the
-/// PM timer its FADT names.
+/// devices its FADT names: the PM timer, the PM1 blocks and the CMOS RTC.
 fn machine_of(config: &VmConfig, virtio: &Attached, multiboot: bool) -> Machine {
     let disks = config
         .disks
@@ -303,6 +314,8 @@ fn machine_of(config: &VmConfig, virtio: &Attached, multiboot: bool) -> Machine 
         nets,
         pm_timer: multiboot && config.acpi,
         debug_exit: config.debug_exit,
+        cmos_rtc: multiboot && config.acpi,
+        acpi_pm1: multiboot && config.acpi,
     }
 }
 
@@ -334,9 +347,16 @@ fn check_consistent(snap: &Snapshot) -> Result<(), Error> {
     if snap.devices.virtio.len() != devices {
         return Err(Error::Inconsistent(format!("{} virtio states for {devices} devices", snap.devices.virtio.len())));
     }
-    if snap.devices.test_devices.pm_timer.is_some() != m.pm_timer {
-        let (has, saved) = if m.pm_timer { ("has a", "none") } else { ("has no", "one") };
-        return Err(Error::Inconsistent(format!("the machine {has} PM timer, and {saved} is saved")));
+    let saved = &snap.devices.test_devices;
+    for (device, has, state) in [
+        ("PM timer", m.pm_timer, saved.pm_timer.is_some()),
+        ("CMOS RTC", m.cmos_rtc, saved.cmos_rtc.is_some()),
+        ("PM1 register block", m.acpi_pm1, saved.acpi_pm1.is_some()),
+    ] {
+        if has != state {
+            let (has, saved) = if has { ("has a", "none") } else { ("has no", "one") };
+            return Err(Error::Inconsistent(format!("the machine {has} {device}, and {saved} is saved")));
+        }
     }
     let ram: u64 = snap.memory.iter().map(|r| r.len).sum();
     if ram != m.mem_bytes {

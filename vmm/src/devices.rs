@@ -8,7 +8,10 @@ use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nvmm_devices::acpi_pm::{self, AcpiPm, ACPI_PM_PORT};
+use nvmm_devices::acpi_pm1::{self, Pm1, Pm1Lines};
 use nvmm_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use nvmm_devices::cmos_rtc::timer::RtcTimer;
+use nvmm_devices::cmos_rtc::{self, CmosRtc, HostClock, RtcLines};
 use nvmm_devices::debug_exit::{self, DebugExit};
 use nvmm_devices::fw_cfg::{self, FwCfg};
 use nvmm_devices::i8042::{self, I8042, I8042State};
@@ -17,8 +20,9 @@ use nvmm_devices::serial::{self, InputRoom, SerialPort, SerialPortState};
 use nvmm_devices::trigger::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sleep::SleepSignal;
 use crate::snapshot::{Machine, TestDevicesState};
-use crate::vcpu::{ExitSignal, IoBuses, VmExit};
+use crate::vcpu::{ExitSignal, IoBuses, VmExit, VmSignals};
 use crate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,8 @@ pub enum Error {
     Vm(#[from] crate::vm::Error),
     #[error(transparent)]
     SerialState(#[from] serial::SerialError),
+    #[error("cannot create the RTC's timer: {0}")]
+    Timer(#[source] std::io::Error),
 }
 
 fn eventfd() -> Result<EventFd, Error> {
@@ -96,13 +102,29 @@ impl Legacy {
 pub struct TestDevices {
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     pub pm_timer: Option<Arc<Mutex<PmTimer>>>,
+    pub cmos_rtc: Option<Arc<Mutex<CmosRtc>>>,
+    pub acpi_pm1: Option<Arc<Mutex<Pm1>>>,
+    /// The RTC's timer, for the main event loop to take.
+    pub rtc_timer: Option<RtcTimer>,
+}
+
+/// What the test devices reach beyond the bus: the VM (for IRQ 8), how the VM ends and sleeps,
+/// and the ACPI power-off line.
+pub struct TestWiring<'a> {
+    pub vm: &'a Vm,
+    pub signals: &'a VmSignals,
+    pub power_off: &'a EventFd,
+}
+
+fn locked<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The devices of QEMU's PC that kvm-unit-tests talk to, those `machine` has: fw_cfg (always: it
-/// only answers what the guest asks), the ACPI PM timer (when the FADT names it), and the
-/// debug-exit port (when asked for), which ends the VM through `exit`. The same for a boot and a
-/// restore.
-pub fn setup_test_devices(io: &mut IoBuses, machine: &Machine, exit: Arc<ExitSignal>) -> Result<TestDevices, Error> {
+/// only answers what the guest asks), the ACPI PM timer and PM1 blocks and the CMOS RTC (when the
+/// FADT names them), and the debug-exit port (when asked for), which ends the VM. The same for a
+/// boot and a restore.
+pub fn setup_test_devices(io: &mut IoBuses, machine: &Machine, wiring: TestWiring) -> Result<TestDevices, Error> {
     let fw_cfg = Arc::new(Mutex::new(FwCfg::new(machine.cpus.into(), machine.mem_bytes)));
     io.pio.insert(fw_cfg::FW_CFG_PORT, fw_cfg::PORT_COUNT, fw_cfg.clone())?;
     let pm_timer = if machine.pm_timer {
@@ -112,27 +134,79 @@ pub fn setup_test_devices(io: &mut IoBuses, machine: &Machine, exit: Arc<ExitSig
     } else {
         None
     };
+    let acpi_pm1 = machine.acpi_pm1.then(|| setup_acpi_pm1(io, wiring.signals.sleep.clone(), wiring.power_off)).transpose()?;
+    let (cmos_rtc, rtc_timer) = machine.cmos_rtc.then(|| setup_cmos_rtc(io, wiring.vm, acpi_pm1.clone())).transpose()?.unzip();
     if machine.debug_exit {
+        let exit = wiring.signals.exit.clone();
         let dev = DebugExit::new(Box::new(move |status| exit.exit(VmExit::DebugExit(status))));
         io.pio.insert(debug_exit::DEBUG_EXIT_PORT, debug_exit::PORT_COUNT, Arc::new(Mutex::new(dev)))?;
     }
-    Ok(TestDevices { fw_cfg, pm_timer })
+    Ok(TestDevices { fw_cfg, pm_timer, cmos_rtc, acpi_pm1, rtc_timer })
+}
+
+/// The PM1 blocks: S5 powers off as the hardware-reduced sleep register does; S3 and its wake go
+/// through `sleep`.
+fn setup_acpi_pm1(io: &mut IoBuses, sleep: Arc<SleepSignal>, power_off: &EventFd) -> Result<Arc<Mutex<Pm1>>, Error> {
+    let waker = sleep.clone();
+    let lines = Pm1Lines {
+        power_off: EventFdTrigger(power_off.try_clone().map_err(Error::EventFd)?),
+        sleep: Box::new(move || sleep.request_sleep()),
+        wake: Box::new(move || waker.request_wake()),
+    };
+    let pm1 = Arc::new(Mutex::new(Pm1::new(lines)));
+    io.pio.insert_named(acpi_pm1::PM1_PORT, acpi_pm1::PORT_COUNT, "acpi-pm1", pm1.clone())?;
+    Ok(pm1)
+}
+
+/// The RTC on IRQ 8, its alarm reported to the PM1 blocks (RTC_STS, and the S3 wake), and its
+/// timer.
+fn setup_cmos_rtc(io: &mut IoBuses, vm: &Vm, pm1: Option<Arc<Mutex<Pm1>>>) -> Result<(Arc<Mutex<CmosRtc>>, RtcTimer), Error> {
+    let irq = eventfd()?;
+    vm.register_irqfd(&irq, cmos_rtc::RTC_IRQ)?;
+    let rearm = eventfd()?;
+    let lines = RtcLines {
+        irq: EventFdTrigger(irq),
+        rearm: EventFdTrigger(rearm.try_clone().map_err(Error::EventFd)?),
+        alarm: Box::new(move || {
+            if let Some(pm1) = &pm1 {
+                locked(pm1).rtc_alarm();
+            }
+        }),
+    };
+    let rtc = Arc::new(Mutex::new(CmosRtc::new(Box::new(HostClock::new()), lines)));
+    io.pio.insert_named(cmos_rtc::RTC_PORT, cmos_rtc::PORT_COUNT, "cmos-rtc", rtc.clone())?;
+    let timer = RtcTimer::new(rtc.clone(), rearm).map_err(Error::Timer)?;
+    Ok((rtc, timer))
 }
 
 impl TestDevices {
     pub fn save(&self) -> TestDevicesState {
         TestDevicesState {
-            fw_cfg: self.fw_cfg.lock().unwrap_or_else(|e| e.into_inner()).save(),
-            pm_timer: self.pm_timer.as_ref().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save()),
+            fw_cfg: locked(&self.fw_cfg).save(),
+            pm_timer: self.pm_timer.as_ref().map(|t| locked(t).save()),
+            cmos_rtc: self.cmos_rtc.as_ref().map(|r| locked(r).save()),
+            acpi_pm1: self.acpi_pm1.as_ref().map(|p| locked(p).save()),
         }
     }
 
-    /// Loads the saved state; a PM timer with none saved (the builder refuses that) runs on fresh.
+    /// Loads the saved state; a device with none saved (the builder refuses that) runs on fresh.
     pub fn restore(&self, state: &TestDevicesState) {
-        self.fw_cfg.lock().unwrap_or_else(|e| e.into_inner()).restore(&state.fw_cfg);
+        locked(&self.fw_cfg).restore(&state.fw_cfg);
         if let (Some(timer), Some(saved)) = (&self.pm_timer, &state.pm_timer) {
-            timer.lock().unwrap_or_else(|e| e.into_inner()).restore(saved);
+            locked(timer).restore(saved);
         }
+        if let (Some(rtc), Some(saved)) = (&self.cmos_rtc, &state.cmos_rtc) {
+            locked(rtc).restore(saved);
+        }
+        if let (Some(pm1), Some(saved)) = (&self.acpi_pm1, &state.acpi_pm1) {
+            locked(pm1).restore(saved);
+        }
+    }
+
+    /// Whether something will wake a guest asleep in S3: RTC_EN, and an RTC alarm to come.
+    pub fn wakes_from_s3(&self) -> bool {
+        let rtc_en = self.acpi_pm1.as_ref().is_some_and(|p| locked(p).rtc_wakes());
+        rtc_en && self.cmos_rtc.as_ref().is_some_and(|r| locked(r).alarm_armed())
     }
 }
 

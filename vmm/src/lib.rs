@@ -17,6 +17,7 @@ pub mod memory;
 pub mod mptable;
 pub mod seccomp;
 pub mod signals;
+pub mod sleep;
 pub mod smram;
 pub mod snapshot;
 pub mod terminal;

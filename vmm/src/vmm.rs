@@ -7,6 +7,11 @@
 //! loop at a request boundary (see `device_loop.rs`); resume goes the other way round, so the
 //! first notification from a resumed vCPU finds its device running. Each vCPU leaves `KVM_RUN`
 //! with nothing pending (see `vcpu/runner.rs`) and sleeps on its channel: a paused VM uses no CPU.
+//!
+//! # ACPI S3
+//! A guest that sleeps (`sleep.rs`) is paused the same way, and is then `Suspended`: neither the
+//! API's pause, resume and snapshot nor anything else runs it until its wake event. The wake puts
+//! each vCPU in the state firmware leaves at a resume (`vcpu/reset.rs`), then resumes as above.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -27,6 +32,8 @@ use crate::device_loop::{self, DeviceLoop};
 use crate::devices::{Subscriber, TestDevices};
 use crate::mailbox::Inbox;
 use crate::memory;
+use crate::sleep::{self, SleepSignal};
+use crate::vcpu::reset::ResetState;
 use crate::vcpu::profile::VcpuProfile;
 use crate::vcpu::{self, ExitSignal, ExitSource, VcpuHandle, VcpuMessage, VcpuReport, VmExit};
 use crate::virtio::AttachedDisk;
@@ -61,6 +68,10 @@ pub enum Error {
     VmState(#[source] crate::vm::Error),
     #[error("snapshot not written (the VM stays paused): {0}")]
     Snapshot(#[source] snapshot::Error),
+    #[error("the guest is asleep (ACPI S3) until its wake event")]
+    Asleep,
+    #[error(transparent)]
+    Sleep(#[from] sleep::Error),
 }
 
 impl Error {
@@ -68,7 +79,7 @@ impl Error {
     /// cannot be written the client's mistake; the rest are ours.
     fn status(&self) -> Status {
         match self {
-            Error::AlreadyPaused | Error::NotPaused | Error::Stopping | Error::SnapshotRunning => Status::Conflict,
+            Error::AlreadyPaused | Error::NotPaused | Error::Stopping | Error::SnapshotRunning | Error::Asleep => Status::Conflict,
             Error::Snapshot(e) if e.is_destination() => Status::BadRequest,
             _ => Status::Internal,
         }
@@ -81,6 +92,8 @@ impl Error {
 pub enum RunState {
     Running,
     Paused,
+    /// The guest sleeps in ACPI S3 (it asked to), its vCPUs paused until its wake event.
+    Suspended,
 }
 
 /// What does not change while the VM runs, for `GET /vm`.
@@ -167,6 +180,7 @@ pub struct Parts {
     /// The main event loop, with the console and the VM's end already subscribed.
     pub events: EventManager<Subscriber>,
     pub exit: Arc<ExitSignal>,
+    pub sleep: Arc<SleepSignal>,
     pub vcpus: Vec<VcpuHandle>,
     pub devices: Vec<DeviceLoop>,
     pub disks: Vec<AttachedDisk>,
@@ -182,6 +196,7 @@ pub struct Vmm {
     vm: Vm,
     events: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
+    sleep: Arc<SleepSignal>,
     vcpus: Vec<VcpuHandle>,
     devices: Vec<DeviceLoop>,
     disks: Vec<AttachedDisk>,
@@ -197,8 +212,8 @@ impl Vmm {
             let wakeup = inbox.wakeup().map_err(Error::ApiWakeup)?;
             parts.events.add_subscriber(Arc::new(Mutex::new(wakeup)));
         }
-        let Parts { vm, events, exit, vcpus, devices, disks, api, facts, persisted, paused } = parts;
-        let mut vmm = Self { vm, events, exit, vcpus, devices, disks, api, facts, persisted, state: RunState::Running };
+        let Parts { vm, events, exit, sleep, vcpus, devices, disks, api, facts, persisted, paused } = parts;
+        let mut vmm = Self { vm, events, exit, sleep, vcpus, devices, disks, api, facts, persisted, state: RunState::Running };
         if paused {
             // The vCPUs never ran; the devices must not either (a TAP would fill guest memory).
             for device in &vmm.devices {
@@ -227,16 +242,21 @@ impl Vmm {
                 break why;
             }
             self.events.run().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+            if let Err(e) = self.follow_sleep() {
+                self.exit.exit(VmExit::Error(format!("ACPI S3: {e}")));
+            }
             self.answer_api_calls();
         };
         self.teardown();
         Ok(why)
     }
 
-    /// Stops every vCPU and parks every device; 409 if already paused.
+    /// Stops every vCPU and parks every device; 409 if already paused or asleep.
     pub fn pause(&mut self) -> Result<(), Error> {
-        if self.state == RunState::Paused {
-            return Err(Error::AlreadyPaused);
+        match self.state {
+            RunState::Paused => return Err(Error::AlreadyPaused),
+            RunState::Suspended => return Err(Error::Asleep),
+            RunState::Running => {}
         }
         if let Err(e) = self.pause_all() {
             // Leave the VM as it was, running, as far as it still can.
@@ -249,13 +269,63 @@ impl Vmm {
         Ok(())
     }
 
-    /// Lets a paused VM go on exactly where it stopped; 409 if it is running.
+    /// Lets a paused VM go on exactly where it stopped; 409 if it is running or asleep. A guest
+    /// that asked to sleep just before the pause goes to sleep instead.
     pub fn resume(&mut self) -> Result<(), Error> {
-        if self.state == RunState::Running {
-            return Err(Error::NotPaused);
+        match self.state {
+            RunState::Running => return Err(Error::NotPaused),
+            RunState::Suspended => return Err(Error::Asleep),
+            RunState::Paused => {}
+        }
+        if self.sleep.take_sleep() {
+            self.fall_asleep();
+            return Ok(());
         }
         self.resume_all()?;
         self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// The guest's sleep and wake requests, each in its turn: a wake waits for its sleep to be
+    /// taken, and a sleep asked for while the VM was paused is taken at the resume.
+    fn follow_sleep(&mut self) -> Result<(), Error> {
+        if self.state == RunState::Running && self.sleep.take_sleep() {
+            self.pause_all()?;
+            self.fall_asleep();
+        }
+        if self.state == RunState::Suspended && self.sleep.take_wake() {
+            self.wake()?;
+        }
+        Ok(())
+    }
+
+    /// Every vCPU and device is stopped: the guest sleeps. One line says until when.
+    fn fall_asleep(&mut self) {
+        self.state = RunState::Suspended;
+        if self.persisted.test_devices.wakes_from_s3() {
+            log::info!("the guest is asleep (ACPI S3) until its RTC alarm");
+        } else {
+            log::warn!("the guest is asleep (ACPI S3) with no wake event set (an RTC alarm with RTC_EN): nvmm waits for SIGTERM or an API shutdown");
+        }
+    }
+
+    /// The boot vCPU to the waking vector in real mode, the others to wait-for-SIPI, then all run.
+    /// A guest that left no waking vector would be booted afresh by a PC's firmware: nvmm, which
+    /// does not reboot, ends it as a reset.
+    fn wake(&mut self) -> Result<(), Error> {
+        let Some((segment, offset)) = sleep::waking_vector(&self.vm.mem)? else {
+            log::info!("the guest woke from S3 with no waking vector in its FACS");
+            self.exit.exit(VmExit::Reset);
+            return Ok(());
+        };
+        for vcpu in &mut self.vcpus {
+            let state = if vcpu.id() == 0 { ResetState::RealMode { segment, offset } } else { ResetState::WaitForSipi };
+            vcpu.reset(state, ANSWER_TIMEOUT)?;
+        }
+        self.sleep.let_vcpus_run();
+        self.resume_all()?;
+        self.state = RunState::Running;
+        log::info!("the guest woke from S3 at {segment:#06x}:{offset:#06x}");
         Ok(())
     }
 
@@ -295,6 +365,10 @@ impl Vmm {
     /// Saves the paused VM into `destination`; it stays paused whatever happens. Every vCPU is
     /// read on its own thread, then the VM's chips and clock, then each device, then memory.
     pub fn snapshot(&mut self, destination: &std::path::Path) -> Result<snapshot::Written, Error> {
+        // A restored VM would not know it slept: its vCPUs would run on after the sleep request.
+        if self.state == RunState::Suspended || self.sleep.sleep_pending() {
+            return Err(Error::Asleep);
+        }
         if self.state != RunState::Paused {
             return Err(Error::SnapshotRunning);
         }
@@ -396,7 +470,7 @@ impl Vmm {
             }
             Action::Resume => {
                 self.resume().map_err(refused)?;
-                serde_json::json!({ "state": RunState::Running })
+                serde_json::json!({ "state": self.state })
             }
             Action::Shutdown => {
                 let flushed = self.shutdown().map_err(refused)?;
@@ -471,7 +545,7 @@ mod tests {
 
     #[test]
     fn state_errors_are_conflicts_and_the_rest_internal() {
-        for e in [Error::AlreadyPaused, Error::NotPaused, Error::Stopping, Error::SnapshotRunning] {
+        for e in [Error::AlreadyPaused, Error::NotPaused, Error::Stopping, Error::SnapshotRunning, Error::Asleep] {
             assert_eq!(e.status(), Status::Conflict, "{e}");
         }
         assert_eq!(Error::EventLoop("x".into()).status(), Status::Internal);

@@ -17,6 +17,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use nvmm_devices::acpi_pm1::Pm1State;
+use nvmm_devices::cmos_rtc::CmosRtcState;
 use nvmm_devices::fw_cfg::FwCfgState;
 use nvmm_devices::i8042::I8042State;
 use nvmm_devices::pm_timer::PmTimerState;
@@ -82,7 +84,7 @@ pub struct NetRecord {
 ///
 /// Fields added after format version 1 was first written carry `#[serde(default)]`: a snapshot
 /// written before them still loads, with what its restore built then (no PM timer, no
-/// debug-exit port).
+/// debug-exit port, no RTC, no PM1 blocks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
     pub mem_bytes: u64,
@@ -97,6 +99,13 @@ pub struct Machine {
     /// `--debug-exit`: the guest may end nvmm through port 0xf4.
     #[serde(default)]
     pub debug_exit: bool,
+    /// The CMOS RTC (a Multiboot kernel with ACPI has one).
+    #[serde(default)]
+    pub cmos_rtc: bool,
+    /// The ACPI PM1 event and control blocks, through which the guest sleeps in S3 (a Multiboot
+    /// kernel with ACPI has them, and a FACS at `acpi::facs_addr()`).
+    #[serde(default)]
+    pub acpi_pm1: bool,
 }
 
 /// Every device's own state, in bus order.
@@ -117,6 +126,12 @@ pub struct TestDevicesState {
     pub fw_cfg: FwCfgState,
     /// There when the machine has a PM timer (`Machine::pm_timer`).
     pub pm_timer: Option<PmTimerState>,
+    /// There when the machine has an RTC (`Machine::cmos_rtc`).
+    #[serde(default)]
+    pub cmos_rtc: Option<CmosRtcState>,
+    /// There when the machine has the PM1 blocks (`Machine::acpi_pm1`).
+    #[serde(default)]
+    pub acpi_pm1: Option<Pm1State>,
 }
 
 /// The whole state file.
@@ -250,19 +265,42 @@ mod tests {
     /// fields; it loads, with no PM timer, no debug-exit port and a fresh fw_cfg.
     #[test]
     fn a_snapshot_without_the_test_devices_still_loads() {
-        let machine = Machine { mem_bytes: 1 << 20, cpus: 1, nested: false, acpi: true, disks: Vec::new(), nets: Vec::new(), pm_timer: true, debug_exit: true };
+        let machine = Machine {
+            mem_bytes: 1 << 20,
+            cpus: 1,
+            nested: false,
+            acpi: true,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            pm_timer: true,
+            debug_exit: true,
+            cmos_rtc: true,
+            acpi_pm1: true,
+        };
         let mut json = serde_json::to_value(&machine).unwrap();
-        json.as_object_mut().unwrap().retain(|k, _| k != "pm_timer" && k != "debug_exit");
+        let added = ["pm_timer", "debug_exit", "cmos_rtc", "acpi_pm1"];
+        json.as_object_mut().unwrap().retain(|k, _| !added.contains(&k.as_str()));
         let old: Machine = serde_json::from_value(json).unwrap();
-        assert_eq!(old, Machine { pm_timer: false, debug_exit: false, ..machine });
+        assert_eq!(old, Machine { pm_timer: false, debug_exit: false, cmos_rtc: false, acpi_pm1: false, ..machine });
 
         let devices = DevicesState {
             serial: SerialPortState::default(),
             i8042: I8042State::default(),
             virtio: Vec::new(),
-            test_devices: TestDevicesState { fw_cfg: FwCfgState { selected: 5, offset: 1 }, pm_timer: Some(PmTimerState { count: 7 }) },
+            test_devices: TestDevicesState {
+                fw_cfg: FwCfgState { selected: 5, offset: 1 },
+                pm_timer: Some(PmTimerState { count: 7 }),
+                cmos_rtc: Some(CmosRtcState::default()),
+                acpi_pm1: Some(Pm1State::default()),
+            },
         };
         let mut json = serde_json::to_value(&devices).unwrap();
+        // Written before the RTC and the PM1 blocks: their states are missing.
+        let test_devices = json["test_devices"].as_object_mut().unwrap();
+        test_devices.retain(|k, _| k != "cmos_rtc" && k != "acpi_pm1");
+        let older: DevicesState = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!((older.test_devices.cmos_rtc, older.test_devices.acpi_pm1), (None, None));
+        assert_eq!(older.test_devices.pm_timer, Some(PmTimerState { count: 7 }));
         assert!(json.as_object_mut().unwrap().remove("test_devices").is_some());
         let old: DevicesState = serde_json::from_value(json).unwrap();
         assert_eq!(old.test_devices, TestDevicesState::default());

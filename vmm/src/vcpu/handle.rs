@@ -25,6 +25,7 @@ use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::persist::{self, SaveSpec, VcpuState};
+use super::reset::{self, ResetState};
 use super::profile::{ExitProfile, VcpuProfile};
 use super::stats::KvmStats;
 use super::{Error, IoBuses};
@@ -32,6 +33,8 @@ use crate::cpuid::TimerFacts;
 
 /// A saved vCPU state, or why it could not be read.
 pub type SaveReply = Result<VcpuState, persist::Error>;
+/// Whether a reset went in.
+pub type ResetReply = Result<(), reset::Error>;
 
 /// What the VMM asks of a vCPU thread.
 #[derive(Debug)]
@@ -43,6 +46,8 @@ pub enum VcpuMessage {
     Finish,
     /// Read the vCPU's state (only while paused) and send it on the channel given.
     Save(Arc<SaveSpec>, Sender<SaveReply>),
+    /// Put the vCPU in a reset state (only while paused; an S3 wake) and answer on the channel.
+    Reset(ResetState, Sender<ResetReply>),
 }
 
 /// What a vCPU thread answers to a message.
@@ -141,6 +146,17 @@ impl VcpuHandle {
         self.send(VcpuMessage::Save(spec, reply))?;
         match answer.recv_timeout(timeout) {
             Ok(state) => Ok(state?),
+            Err(RecvTimeoutError::Timeout) => Err(Error::NoAnswer(self.id, timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Gone(self.id)),
+        }
+    }
+
+    /// Puts this vCPU, which must be paused, in `state`, on its own thread.
+    pub fn reset(&mut self, state: ResetState, timeout: Duration) -> Result<(), Error> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.send(VcpuMessage::Reset(state, reply))?;
+        match answer.recv_timeout(timeout) {
+            Ok(done) => Ok(done?),
             Err(RecvTimeoutError::Timeout) => Err(Error::NoAnswer(self.id, timeout)),
             Err(RecvTimeoutError::Disconnected) => Err(Error::Gone(self.id)),
         }

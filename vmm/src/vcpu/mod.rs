@@ -6,6 +6,7 @@ mod handle;
 pub mod persist;
 pub mod profile;
 pub mod regs;
+pub mod reset;
 mod runner;
 pub mod stats;
 
@@ -17,12 +18,13 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{handle_exit, Action, IoBuses, VmExit};
-pub use handle::{ExitSource, SaveReply, VcpuHandle, VcpuMessage, VcpuReport};
+pub use handle::{ExitSource, ResetReply, SaveReply, VcpuHandle, VcpuMessage, VcpuReport};
 use runner::Runner;
 use profile::ExitProfile;
 use stats::KvmStats;
 
 use crate::boot::Entry;
+use crate::sleep::SleepSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,6 +50,8 @@ pub enum Error {
     Gone(u8),
     #[error(transparent)]
     State(#[from] persist::Error),
+    #[error(transparent)]
+    Reset(#[from] reset::Error),
 }
 
 /// How the VM ends: the first vCPU or device to stop records why and wakes the main loop.
@@ -80,6 +84,19 @@ impl ExitSignal {
     }
 }
 
+/// What every vCPU thread watches besides its channel.
+#[derive(Clone)]
+pub struct VmSignals {
+    pub exit: Arc<ExitSignal>,
+    pub sleep: Arc<SleepSignal>,
+}
+
+impl VmSignals {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { exit: Arc::new(ExitSignal::new()?), sleep: Arc::new(SleepSignal::new()?) })
+    }
+}
+
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
@@ -108,8 +125,9 @@ impl Vcpu {
     }
 
     /// Starts the vCPU's thread, running or paused, and returns the VMM's handle on it; `started`
-    /// is when nvmm started (the profile's start-up time counts from there).
-    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, exit: Arc<ExitSignal>, paused: bool, started: Instant) -> Result<VcpuHandle, Error> {
+    /// is when nvmm started (the profile's start-up time counts from there). `signals` say when
+    /// the VM ends and when the guest sleeps.
+    pub fn start(self, vm: &VmFd, io: Arc<IoBuses>, signals: VmSignals, paused: bool, started: Instant) -> Result<VcpuHandle, Error> {
         let id = self.id;
         handle::install_kick_handler()?;
         let kick = handle::kick_fd(vm, &self.fd, id)?;
@@ -121,7 +139,8 @@ impl Vcpu {
         let reporting = handle::Reporting { kvm_stats, profile: profile.clone(), io: io.clone(), cpuid };
         let (messages, inbox) = mpsc::channel();
         let (outbox, reports) = mpsc::channel();
-        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, profile, start_paused: paused };
+        let VmSignals { exit, sleep } = signals;
+        let runner = Runner { id, fd: self.fd, io, messages: inbox, reports: outbox, exit, sleep, profile, start_paused: paused };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -183,8 +202,9 @@ mod tests {
         let regs = kvm_bindings::kvm_regs { rip: CODE, rflags: 2, ..Default::default() };
         vcpu.fd.set_regs(&regs).unwrap();
 
-        let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), exit.clone(), false, Instant::now()).unwrap();
+        let signals = VmSignals::new().unwrap();
+        let exit = signals.exit.clone();
+        let mut h = vcpu.start(&vm.fd, Arc::new(IoBuses::default()), signals, false, Instant::now()).unwrap();
         wait_for_exits_above(&h, 10);
         assert_eq!(h.request(VcpuMessage::Pause, T).unwrap(), VcpuReport::Paused);
         let paused_at = h.exits().0;
@@ -249,8 +269,9 @@ mod tests {
         let mut io = IoBuses::default();
         io.pio.insert_named(0x3f8, 8, "serial", Arc::new(Mutex::new(Sink))).unwrap();
         io.mmio.insert_named(0xd000_0000, 0x1000, "virtio0", Arc::new(Mutex::new(Sink))).unwrap();
-        let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut h = vcpu.start(&fd, Arc::new(io), exit.clone(), false, Instant::now()).unwrap();
+        let signals = VmSignals::new().unwrap();
+        let exit = signals.exit.clone();
+        let mut h = vcpu.start(&fd, Arc::new(io), signals, false, Instant::now()).unwrap();
         let t = Instant::now();
         while exit.reason().is_none() {
             assert!(t.elapsed() < T, "the guest never halted: {:?}", h.profile());

@@ -2,9 +2,18 @@
 //!
 //! ```text
 //!   Running --Pause--> Paused --Resume--> Running
+//!   Running --the guest sleeps (ACPI S3)--> Paused (by itself, before the next guest instruction)
 //!   Running --guest reset or error--> Stopped (tells the VMM, answers Stopped to everything)
 //!   any state --Finish--> the thread returns
 //! ```
+//!
+//! # Sleep
+//! A guest that enters S3 must run nothing after the write that asks for it: kvm-unit-tests' s3
+//! test writes a failure mark right after it, which its resume code would then report. The VMM
+//! pauses every vCPU, but its Pause comes after the write's exit, and meanwhile the vCPU would run
+//! on. So while [`SleepSignal`] says vCPUs must stop, a vCPU re-enters `KVM_RUN` with
+//! `immediate_exit` set, which completes the exit's instruction and runs no other (see below), and
+//! then pauses itself; the VMM's Pause finds it paused.
 //!
 //! # Pending I/O
 //! KVM finishes a port or MMIO exit (stores the data of an `in` or an MMIO read in the guest's
@@ -28,7 +37,9 @@ use kvm_ioctls::VcpuFd;
 use super::handle::{SaveReply, VcpuMessage, VcpuReport};
 use super::persist;
 use super::profile::{ExitProfile, Kind};
+use super::reset;
 use super::{handle_exit, Action, ExitSignal, IoBuses, VmExit};
+use crate::sleep::SleepSignal;
 
 /// Where the thread's state machine stands.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,6 +57,8 @@ pub(super) struct Runner {
     pub messages: Receiver<VcpuMessage>,
     pub reports: Sender<VcpuReport>,
     pub exit: Arc<ExitSignal>,
+    /// Whether the guest sleeps (ACPI S3): no vCPU may run then.
+    pub sleep: Arc<SleepSignal>,
     /// The exits that reached nvmm, by kind, and the time spent on them.
     pub profile: Arc<ExitProfile>,
     /// Start paused (a VM restored with `--paused`): no `KVM_RUN` until the first `Resume`.
@@ -82,6 +95,9 @@ impl Runner {
                     if let Action::Stop(why) = action {
                         return State::Stopped(why);
                     }
+                    if self.sleep.vcpus_must_stop() {
+                        self.fd.set_kvm_immediate_exit(1);
+                    }
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     self.profile.count(Kind::Interrupt);
@@ -95,7 +111,10 @@ impl Runner {
                         }
                         Ok(VcpuMessage::Resume) => self.report(VcpuReport::Resumed),
                         Ok(VcpuMessage::Save(_, reply)) => refuse_save(self.id, &reply),
+                        Ok(VcpuMessage::Reset(_, reply)) => refuse_reset(self.id, &reply),
                         Ok(VcpuMessage::Finish) | Err(TryRecvError::Disconnected) => return State::Finished,
+                        // Asleep: paused without being asked, until the VMM wakes the guest.
+                        Err(TryRecvError::Empty) if self.sleep.vcpus_must_stop() => return State::Paused,
                         Err(TryRecvError::Empty) => {}
                     }
                 }
@@ -124,6 +143,10 @@ impl Runner {
                 let _ = reply.send(persist::save(self.id, &self.fd, &spec));
                 State::Paused
             }
+            Ok(VcpuMessage::Reset(state, reply)) => {
+                let _ = reply.send(reset::apply(self.id, &self.fd, state));
+                State::Paused
+            }
             Ok(VcpuMessage::Finish) | Err(_) => State::Finished,
         }
     }
@@ -140,6 +163,7 @@ impl Runner {
             match self.messages.recv() {
                 Ok(VcpuMessage::Finish) | Err(_) => return State::Finished,
                 Ok(VcpuMessage::Save(_, reply)) => refuse_save(self.id, &reply),
+                Ok(VcpuMessage::Reset(_, reply)) => refuse_reset(self.id, &reply),
                 Ok(_) => self.report(VcpuReport::Stopped),
             }
         }
@@ -154,6 +178,11 @@ impl Runner {
 /// A running or stopped vCPU's registers are not a state to restore; the VMM asks only paused ones.
 fn refuse_save(id: u8, reply: &std::sync::mpsc::Sender<SaveReply>) {
     let _ = reply.send(Err(persist::Error::NotPaused(id)));
+}
+
+/// Only a paused vCPU is reset: a running one has registers in flux, a stopped one no VM to wake.
+fn refuse_reset(id: u8, reply: &std::sync::mpsc::Sender<super::ResetReply>) {
+    let _ = reply.send(Err(reset::Error::NotPaused(id)));
 }
 
 /// A shutdown is how Linux's `reboot=t` resets, and also what a guest crash looks like: where the
