@@ -14,7 +14,7 @@
 # `nodefault` group, are left out as run_tests.sh leaves them out.
 #
 # Usage: tools/kvm-unit-tests.sh [--layers 1|2|1,2] [--tests NAME,...] [--no-qemu] [--no-lab]
-#                                [--timeout SECONDS] [--keep DIR]
+#                                [--timeout SECONDS] [--keep DIR] [--exclude-svm LIST]
 #   --layers L     layers to run at (default 1,2; L2 runs only the L2 list below unless --tests)
 #   --tests LIST   only these tests (names of x86/unittests.cfg sections)
 #   --no-qemu      nvmm only
@@ -22,6 +22,7 @@
 #                  the lab turned off; --layers 2 then boots L2 with this machine's nvmm
 #   --timeout S    per test and VMM (default 180; TCG makes everything slow)
 #   --keep DIR     keep the console log (every test's output) in DIR
+#   --exclude-svm LIST  also leave out these svm.flat subtests (comma-separated), for both VMMs
 #   --build-only   build the suite, print the directory of its .flat files, run nothing
 # Needs build/guest (tools/build-guest.sh) and builds the static nvmm unless NVMM_BIN names one.
 # Results: PASS (status 1), FAIL (3), SKIP (77), CRASH (127: an unhandled exception), TIMEOUT, or
@@ -49,7 +50,7 @@ SVM_EXCLUDED="$(echo $SVM_EXCLUDED)"
 # Tests run at L2 unless --tests says otherwise: svm, the vmexit group, and ten more.
 L2_TESTS="vmexit_cpuid,vmexit_vmcall,vmexit_mov_to_cr8,vmexit_inl_pmtimer,vmexit_ipi,vmexit_tscdeadline,vmexit_mov_from_cr8,vmexit_ipi_halt,vmexit_tscdeadline_immed,vmexit_cr0_wp,vmexit_cr4_pge,vmexit_ple_round_robin,svm_npt,msr,smptest,setjmp,tsc,hypercall,idt_test,eventinj,rmap_chain,debug,umip,syscall,xapic,emulator,svm"
 
-usage() { sed -n '16,26p' "$0" >&2; exit 2; }
+usage() { sed -n '16,27p' "$0" >&2; exit 2; }
 layers=1,2 tests= qemu=1 lab=1 timeout=180 keep= build_only=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -60,6 +61,7 @@ while [ $# -gt 0 ]; do
         --timeout) [ $# -ge 2 ] || usage; timeout="$2"; shift 2 ;;
         --keep)    [ $# -ge 2 ] || usage; keep="$2"; shift 2 ;;
         --build-only) build_only=1; shift ;;
+        --exclude-svm) [ $# -ge 2 ] || usage; SVM_EXCLUDED="$SVM_EXCLUDED $(echo "$2" | sed 's/\([^,]*\),*/-\1 /g')"; shift 2 ;;
         *)         usage ;;
     esac
 done
