@@ -47,6 +47,10 @@ SVM_EXCLUDED="-latency_run_exit -latency_run_exit_clean -latency_svm_insn -sel_c
     -virq_inject_within_shadow -host_rflags -msr_intercept_check -svm_exception_test
     -svm_lbrv_test0 -svm_lbrv_test1 -svm_lbrv_test2 -svm_lbrv_test3"
 SVM_EXCLUDED="$(echo $SVM_EXCLUDED)"
+# Left out at L2 only, for both VMMs: reg_corruption (10,000 timer interrupts to the test's own
+# guest, an L4 there) gave no result in 40 minutes under either VMM; the rest of svm.flat takes
+# 12-14 minutes at L2.
+SVM_EXCLUDED_L2="-reg_corruption"
 # Tests run at L2 unless --tests says otherwise: svm, the vmexit group, and ten more.
 L2_TESTS="vmexit_cpuid,vmexit_vmcall,vmexit_mov_to_cr8,vmexit_inl_pmtimer,vmexit_ipi,vmexit_tscdeadline,vmexit_mov_from_cr8,vmexit_ipi_halt,vmexit_tscdeadline_immed,vmexit_cr0_wp,vmexit_cr4_pge,vmexit_ple_round_robin,svm_npt,msr,smptest,setjmp,tsc,hypercall,idt_test,eventinj,rmap_chain,debug,umip,syscall,xapic,emulator,svm"
 
@@ -93,8 +97,9 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 # The test list, one line each: name file smp mem_mib timeout args (args last: it has spaces).
+# $1: the tests asked for; $2: the svm.flat subtests left out.
 list() {
-    python3 - "$kut/x86/unittests.cfg" "$1" "$SVM_EXCLUDED" <<'PY'
+    python3 - "$kut/x86/unittests.cfg" "$1" "$2" <<'PY'
 import re, shlex, sys
 cfg, only, svm_excluded = sys.argv[1], [t for t in sys.argv[2].split(",") if t], sys.argv[3]
 sections, cur = [], None
@@ -157,8 +162,8 @@ SCRIPT
 mkdir -p "$tmp/kut"
 cp "$kut"/x86/*.flat "$tmp/kut/"
 want_layer() { case ",$layers," in *",$1,"*) return 0 ;; esac; return 1; }
-list "$tests" > "$tmp/l1.list"
-list "${tests:-$L2_TESTS}" > "$tmp/l2.list"
+list "$tests" "$SVM_EXCLUDED" > "$tmp/l1.list"
+list "${tests:-$L2_TESTS}" "$SVM_EXCLUDED $SVM_EXCLUDED_L2" > "$tmp/l2.list"
 [ -s "$tmp/l1.list" ] || { echo "kvm-unit-tests.sh: no such tests: $tests" >&2; exit 2; }
 
 # QEMU, its libraries and the firmware its pc machine loads for a Multiboot kernel (Debian keeps
