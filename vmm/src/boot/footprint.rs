@@ -1,19 +1,29 @@
 //! Where a freshly loaded kernel touches memory first: the boot structures in the first MiB, the
-//! image nvmm loaded, the initrd, and, for a bzImage, the buffer it decompresses itself into
-//! (`init_size` bytes from where its 64-bit entry code puts the kernel). nvmm maps these in KVM's
-//! page tables before the first `KVM_RUN` (`prefault.rs`): otherwise the guest's first touch of
-//! each page is an exit, and at depth each such exit is a round trip through every KVM below.
-//! The rest of RAM is left to be faulted in when the guest uses it.
+//! image nvmm loaded, the initrd, for a bzImage the buffer it decompresses itself into
+//! (`init_size` bytes from where its 64-bit entry code puts the kernel), and for Linux the top of
+//! RAM, where its early allocator works down from. nvmm maps these in KVM's page tables before the
+//! first `KVM_RUN` (`prefault.rs`): otherwise the guest's first touch of each page is an exit, and
+//! at depth each such exit is a round trip through every KVM below. The rest of RAM is left to be
+//! faulted in when the guest uses it.
 
 use std::ops::Range;
 
 use linux_loader::loader::bootparam::setup_header;
 
-use super::{InitrdRegion, LoadedKernel, BOOT_PROTOCOL_INIT_SIZE, PAGE_SIZE};
+use super::{Entry, InitrdRegion, LoadedKernel, BOOT_PROTOCOL_INIT_SIZE, PAGE_SIZE};
 use crate::memory::{self, layout};
 
-/// The guest-physical ranges a boot touches first, page aligned, sorted, merged, and within the
-/// RAM below the MMIO gap.
+/// Linux's memory sections (x86-64 `SECTION_SIZE_BITS` = 27): its `struct page` array covers RAM
+/// in whole sections.
+const LINUX_SECTION: u64 = 128 << 20;
+/// One 64-byte `struct page` for each 4 KiB page.
+const LINUX_STRUCT_PAGE_PER_PAGE: u64 = 4096 / 64;
+/// What else Linux's early allocator takes from the top of RAM in a small guest besides the
+/// `struct page` array: per-CPU areas, the dentry and inode hash tables, page tables, the log
+/// buffer (measured: about 2 MiB with 96 and 384 MiB of RAM).
+const LINUX_EARLY_ALLOCATIONS: u64 = 2 << 20;
+
+/// The guest-physical ranges a boot touches first, page aligned, sorted, merged, and within RAM.
 pub fn boot_footprint(
     kernel: &LoadedKernel,
     initrd: Option<InitrdRegion>,
@@ -29,7 +39,32 @@ pub fn boot_footprint(
     if let Some(r) = initrd {
         ranges.push(r.addr..r.addr.saturating_add(r.size));
     }
-    normalize(ranges, memory::low_mem_end(mem_size))
+    let ram: Vec<Range<u64>> = memory::ram_ranges(mem_size)
+        .iter()
+        .map(|(start, len)| start.0..start.0 + *len as u64)
+        .collect();
+    if !matches!(kernel.entry, Entry::Multiboot { .. }) {
+        ranges.extend(linux_early_allocations(&ram, mem_size, initrd));
+    }
+    normalize(ranges, &ram)
+}
+
+/// Where Linux's early allocator (memblock, top-down) puts the `struct page` array and its other
+/// first allocations: just below the top of RAM, or below the initrd when the initrd ends there
+/// (it stays reserved until it is unpacked).
+fn linux_early_allocations(
+    ram: &[Range<u64>],
+    mem_size: u64,
+    initrd: Option<InitrdRegion>,
+) -> Option<Range<u64>> {
+    let last = ram.last()?;
+    let top = match initrd {
+        Some(r) if r.addr.saturating_add(r.size) + PAGE_SIZE > last.end => r.addr,
+        _ => last.end,
+    };
+    let size = mem_size.next_multiple_of(LINUX_SECTION) / LINUX_STRUCT_PAGE_PER_PAGE
+        + LINUX_EARLY_ALLOCATIONS;
+    Some(top.saturating_sub(size).max(last.start)..top)
 }
 
 /// Where a bzImage loaded at `load` decompresses itself, as its 64-bit entry code decides
@@ -51,14 +86,20 @@ fn decompression_buffer(hdr: &setup_header, load: u64) -> Option<Range<u64>> {
     Some(start..start.saturating_add(u64::from(hdr.init_size)))
 }
 
-/// Rounds each range out to whole pages, cuts it at `limit`, drops empty ones and merges those
-/// that overlap or touch.
-fn normalize(mut ranges: Vec<Range<u64>>, limit: u64) -> Vec<Range<u64>> {
-    for r in &mut ranges {
-        *r = (r.start & !(PAGE_SIZE - 1))
-            ..(r.end.saturating_add(PAGE_SIZE - 1).min(limit) & !(PAGE_SIZE - 1));
-    }
-    ranges.retain(|r| r.start < r.end);
+/// Rounds each range out to whole pages, keeps the parts inside `ram`, and merges those that
+/// overlap or touch.
+fn normalize(ranges: Vec<Range<u64>>, ram: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = ranges
+        .iter()
+        .map(|r| {
+            (r.start & !(PAGE_SIZE - 1))..(r.end.saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1))
+        })
+        .flat_map(|r| {
+            ram.iter()
+                .map(move |m| r.start.max(m.start)..r.end.min(m.end))
+        })
+        .filter(|r| r.start < r.end)
+        .collect();
     ranges.sort_by_key(|r| r.start);
     let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
     for r in ranges {
@@ -106,19 +147,20 @@ mod tests {
     }
 
     #[test]
-    fn a_bzimage_touches_low_memory_its_image_its_buffer_and_the_initrd() {
+    fn a_bzimage_touches_low_memory_its_image_its_buffer_the_initrd_and_below_it() {
         let initrd = InitrdRegion {
             addr: 94 * MIB + 0x1000,
             size: 2 * MIB - 0x1000 - 10,
         };
         let got = boot_footprint(&bzimage(false, 0xe2_f000), Some(initrd), 96 * MIB);
         // Low memory and the loaded image touch at 1 MiB and merge; the image's end rounds up.
+        // Below the initrd: one 128 MiB section's struct pages (2 MiB) and 2 MiB more.
         assert_eq!(
             got,
             vec![
                 0..4 * MIB + PAGE_SIZE,
                 16 * MIB..16 * MIB + 0xe2_f000,
-                initrd.addr..96 * MIB
+                initrd.addr - 4 * MIB..96 * MIB
             ]
         );
     }
@@ -136,8 +178,8 @@ mod tests {
         let got = boot_footprint(&k, None, 256 * MIB);
         assert_eq!(
             got,
-            vec![0..MIB, 33 * MIB..34 * MIB + MIB],
-            "2 MiB aligned up from 33 MiB is 34 MiB"
+            vec![0..MIB, 33 * MIB..34 * MIB + MIB, 250 * MIB..256 * MIB],
+            "2 MiB aligned up from 33 MiB is 34 MiB; 4 MiB of struct pages and 2 MiB at the top"
         );
     }
 
@@ -149,7 +191,7 @@ mod tests {
         }
         assert_eq!(
             boot_footprint(&k, None, 96 * MIB),
-            vec![0..4 * MIB + PAGE_SIZE]
+            vec![0..4 * MIB + PAGE_SIZE, 92 * MIB..96 * MIB]
         );
         k.result.setup_header = None;
         k.result.kernel_load = GuestAddress(16 * MIB);
@@ -157,6 +199,37 @@ mod tests {
         assert_eq!(
             boot_footprint(&k, None, 32 * MIB),
             vec![0..MIB, 16 * MIB..32 * MIB]
+        );
+    }
+
+    #[test]
+    fn above_the_mmio_gap_the_top_of_ram_is_the_top_of_high_ram() {
+        let initrd = InitrdRegion {
+            addr: 3072 * MIB - 2 * MIB,
+            size: 2 * MIB,
+        };
+        let got = boot_footprint(&bzimage(false, 0x10_0000), Some(initrd), 4608 * MIB);
+        // 4.5 GiB is 36 sections: 72 MiB of struct pages, and 2 MiB more, below 5.5 GiB.
+        let top = (4096 + 1536) * MIB;
+        assert_eq!(
+            got,
+            vec![
+                0..4 * MIB + PAGE_SIZE,
+                16 * MIB..17 * MIB,
+                initrd.addr..3072 * MIB,
+                top - 74 * MIB..top
+            ]
+        );
+    }
+
+    #[test]
+    fn a_multiboot_kernel_gets_no_linux_guesses() {
+        let mut k = bzimage(false, 0x10_0000);
+        k.result.setup_header = None;
+        k.entry = Entry::Multiboot { rip: 2 * MIB };
+        assert_eq!(
+            boot_footprint(&k, None, 64 * MIB),
+            vec![0..4 * MIB + PAGE_SIZE]
         );
     }
 }
