@@ -15,6 +15,7 @@ pub mod logger;
 pub mod mailbox;
 pub mod memory;
 pub mod mptable;
+pub mod prefault;
 pub mod seccomp;
 pub mod signals;
 pub mod sleep;

@@ -2,6 +2,7 @@
 //! line into guest memory, and choosing the entry protocol: the 64-bit Linux boot protocol, PVH, or
 //! Multiboot.
 
+mod footprint;
 mod linux;
 pub mod multiboot;
 mod pvh;
@@ -13,6 +14,8 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use footprint::boot_footprint;
 
 use crate::config::EntryChoice;
 use crate::memory::{self, layout};
