@@ -123,7 +123,6 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::boot::Entry;
 
     const MIB: u64 = 1 << 20;
 
