@@ -22,6 +22,9 @@ const LINUX_STRUCT_PAGE_PER_PAGE: u64 = 4096 / 64;
 /// `struct page` array: per-CPU areas, the dentry and inode hash tables, page tables, the log
 /// buffer (measured: about 2 MiB with 96 and 384 MiB of RAM).
 const LINUX_EARLY_ALLOCATIONS: u64 = 2 << 20;
+/// At most this much from the top of RAM, so that start-up does not grow with the guest's RAM
+/// (a 64 GiB guest's `struct page` array alone is 1 GiB); the rest faults in as it would have.
+const LINUX_TOP_MAX: u64 = 64 << 20;
 
 /// The guest-physical ranges a boot touches first, page aligned, sorted, merged, and within RAM.
 pub fn boot_footprint(
@@ -62,8 +65,9 @@ fn linux_early_allocations(
         Some(r) if r.addr.saturating_add(r.size) + PAGE_SIZE > last.end => r.addr,
         _ => last.end,
     };
-    let size = mem_size.next_multiple_of(LINUX_SECTION) / LINUX_STRUCT_PAGE_PER_PAGE
-        + LINUX_EARLY_ALLOCATIONS;
+    let size = (mem_size.next_multiple_of(LINUX_SECTION) / LINUX_STRUCT_PAGE_PER_PAGE
+        + LINUX_EARLY_ALLOCATIONS)
+        .min(LINUX_TOP_MAX);
     Some(top.saturating_sub(size).max(last.start)..top)
 }
 
@@ -119,7 +123,6 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::boot::Entry;
 
     const MIB: u64 = 1 << 20;
 
@@ -209,7 +212,8 @@ mod tests {
             size: 2 * MIB,
         };
         let got = boot_footprint(&bzimage(false, 0x10_0000), Some(initrd), 4608 * MIB);
-        // 4.5 GiB is 36 sections: 72 MiB of struct pages, and 2 MiB more, below 5.5 GiB.
+        // 4.5 GiB is 36 sections: 72 MiB of struct pages and 2 MiB more, cut to 64 MiB, below
+        // 5.5 GiB.
         let top = (4096 + 1536) * MIB;
         assert_eq!(
             got,
@@ -217,7 +221,7 @@ mod tests {
                 0..4 * MIB + PAGE_SIZE,
                 16 * MIB..17 * MIB,
                 initrd.addr..3072 * MIB,
-                top - 74 * MIB..top
+                top - 64 * MIB..top
             ]
         );
     }
