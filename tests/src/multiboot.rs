@@ -33,3 +33,22 @@ pub fn address_kernel(code: &[u8], load: u32) -> Vec<u8> {
     k.extend(code);
     k
 }
+
+/// The ports nvmm gives a Multiboot kernel, which the test kernels drive.
+pub mod ports {
+    pub const COM1_DATA: u32 = 0x3f8;
+    /// `--debug-exit`: a write of V ends nvmm with status (V << 1) | 1.
+    pub const DEBUG_EXIT: u32 = 0xf4;
+    /// The i8042's command port, and the command that pulses the reset line.
+    pub const I8042_COMMAND: u32 = 0x64;
+    pub const I8042_RESET: u32 = 0xfe;
+    pub const FW_CFG_SELECTOR: u32 = 0x510;
+    pub const FW_CFG_DATA: u32 = 0x511;
+    pub const PM_TIMER: u32 = 0x608;
+    /// The CMOS RTC's index and data ports.
+    pub const RTC_INDEX: u32 = 0x70;
+    pub const RTC_DATA: u32 = 0x71;
+    /// The PM1a enable register the FADT names (vmm/src/acpi.rs checks it does), and its RTC_EN.
+    pub const PM1A_ENABLE: u32 = 0x60c + 2;
+    pub const RTC_EN: u32 = 0x400;
+}

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use iced_x86::code_asm::*;
+use nvmm_tests::multiboot::ports::*;
 use nvmm_tests::multiboot::{header, FLAG_ADDRESSES, LOAD_ADDR};
 use nvmm_tests::{assert_one_line_error, run_nvmm, scratch_dir, tiny};
 
@@ -18,12 +19,6 @@ const BOOT_LOADER_MAGIC: u32 = 0x2bad_b002;
 // Multiboot information (EBX) fields.
 const INFO_CMDLINE: u32 = 16;
 const INFO_MODS_COUNT: u32 = 20;
-const COM1_DATA: u32 = 0x3f8;
-/// `--debug-exit`'s port.
-const DEBUG_EXIT_PORT: u32 = 0xf4;
-/// The i8042's command port, and the command that pulses the reset line.
-const I8042_COMMAND: u32 = 0x64;
-const I8042_RESET: u32 = 0xfe;
 
 /// 32-bit code, entered with paging off: checks EAX, writes the command line to COM1, then
 /// `EXIT_BASE + mods_count` to the debug-exit port, then resets. It has only relative jumps, so
@@ -51,7 +46,7 @@ fn kernel_code() -> Result<Vec<u8>, IcedError> {
     a.mov(eax, dword_ptr(ebx + INFO_MODS_COUNT))?;
     a.add(al, u32::from(EXIT_BASE))?;
     a.set_label(&mut exit)?;
-    a.out(DEBUG_EXIT_PORT, al)?;
+    a.out(DEBUG_EXIT, al)?;
     // Without a debug-exit port the kernel carries on: an i8042 reset ends nvmm with status 0.
     a.mov(al, I8042_RESET)?;
     a.out(I8042_COMMAND, al)?;

@@ -10,19 +10,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
+use nvmm_tests::multiboot::ports::*;
 use nvmm_tests::multiboot::{address_kernel, LOAD_ADDR};
 use nvmm_tests::{nvmm_bin, run_nvmm, scratch_dir, tiny};
 
 /// Where nvmm's FACS is (`acpi::facs_addr()`), and its Firmware_Waking_Vector.
 const FACS_WAKING_VECTOR: u32 = 0xe_0040 + 12;
-/// The PM1a enable and control registers the FADT names (vmm/src/acpi.rs checks it does).
-const PM1A_ENABLE: u32 = 0x60c + 2;
+/// The PM1a control register the FADT names (vmm/src/acpi.rs checks it does).
 const PM1A_CONTROL: u32 = 0x610;
-const RTC_EN: u32 = 0x400;
 /// SLP_TYP = 1 (S3, the DSDT's `_S3_`) | SLP_EN.
 const SLEEP_S3: u32 = 0x2400;
-const RTC_INDEX: u32 = 0x70;
-const RTC_DATA: u32 = 0x71;
 const RTC_ALARMS: [u32; 3] = [0x01, 0x03, 0x05];
 const RTC_ALARM_DONT_CARE: u32 = 0xff;
 const RTC_REG_B: u32 = 0x0b;
@@ -33,7 +30,6 @@ const RESUME_AT: u32 = 0x1000;
 const WORD: u32 = 0;
 const ASLEEP: u8 = 0x10;
 const RAN_ON: u8 = 0x11;
-const DEBUG_EXIT: u32 = 0xf4;
 
 /// The resume code, 16-bit: the word to the debug-exit port, then halt.
 fn resume_code() -> Result<Vec<u8>, IcedError> {

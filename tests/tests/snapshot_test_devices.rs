@@ -11,25 +11,14 @@ use std::path::{Path, PathBuf};
 
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
+use nvmm_tests::multiboot::ports::*;
 use nvmm_tests::multiboot::{address_kernel, ADDRESS_HEADER_LEN, LOAD_ADDR};
 use nvmm_tests::running::Nvmm;
 use nvmm_tests::{run_nvmm, scratch_dir, tiny};
 
-const FW_CFG_SELECTOR: u32 = 0x510;
-const FW_CFG_DATA: u32 = 0x511;
-const COM1: u32 = 0x3f8;
-const PM_TIMER: u32 = 0x608;
-const RTC_INDEX: u32 = 0x70;
-const RTC_DATA: u32 = 0x71;
 /// A byte of the RTC's RAM, and what the kernel writes there.
 const CMOS_BYTE: u32 = 0x40;
 const CMOS_MARK: u32 = 0x5a;
-const PM1A_ENABLE: u32 = 0x60e;
-const RTC_EN: u32 = 0x400;
-/// The i8042's command port, and the command that pulses the reset line.
-const I8042_COMMAND: u32 = 0x64;
-const I8042_RESET: u32 = 0xfe;
-const DEBUG_EXIT: u8 = 0xf4;
 /// What the kernel writes to the debug-exit port: the fw_cfg byte it read after the restore, less
 /// 'A' ('E', the signature's second byte, gives 4; a fresh fw_cfg's 'Q' 16; no fw_cfg 0xbe), with
 /// `NO_PM_TIMER` added when the PM timer reads as a floating port (all ones), and
@@ -62,7 +51,7 @@ fn gate_kernel_code(gate_addr: u32) -> Result<(Vec<u8>, u32), IcedError> {
     a.out(dx, ax)?; // select the signature, "QEMU"
     a.mov(dx, FW_CFG_DATA)?;
     a.in_(al, dx)?; // 'Q'
-    a.mov(dx, COM1)?;
+    a.mov(dx, COM1_DATA)?;
     a.out(dx, al)?;
     a.mov(al, u32::from(b'\n'))?;
     a.out(dx, al)?;
@@ -78,7 +67,7 @@ fn gate_kernel_code(gate_addr: u32) -> Result<(Vec<u8>, u32), IcedError> {
     a.je(gate)?;
     a.mov(dx, FW_CFG_DATA)?;
     a.in_(al, dx)?; // 'E' if fw_cfg kept its item and place
-    a.mov(dx, COM1)?;
+    a.mov(dx, COM1_DATA)?;
     a.out(dx, al)?;
     a.mov(bl, al)?;
     a.mov(al, u32::from(b'\n'))?;
@@ -103,7 +92,7 @@ fn gate_kernel_code(gate_addr: u32) -> Result<(Vec<u8>, u32), IcedError> {
     a.or(bl, u32::from(RTC_OR_PM1_LOST))?;
     a.set_label(&mut kept)?;
     a.mov(al, bl)?;
-    a.out(u32::from(DEBUG_EXIT), al)?;
+    a.out(DEBUG_EXIT, al)?;
     // Without a debug-exit port the kernel carries on: an i8042 reset ends nvmm with status 0.
     a.mov(al, I8042_RESET)?;
     a.out(I8042_COMMAND, al)?;
