@@ -20,7 +20,7 @@ BUSYBOX=/bin/busybox
 # Options the guests cannot live without; merge_config.sh drops unmet ones without failing.
 REQUIRED="64BIT SMP PVH ACPI PCI SERIAL_8250_CONSOLE BLK_DEV_INITRD DEVTMPFS TMPFS BINFMT_SCRIPT
   VIRTIO_MMIO VIRTIO_MMIO_CMDLINE_DEVICES VIRTIO_BLK VIRTIO_NET EXT4_FS TUN VETH NET_NS
-  KVM KVM_AMD KVM_INTEL KVM_GUEST"
+  KVM KVM_AMD KVM_INTEL KVM_GUEST TRANSPARENT_HUGEPAGE"
 
 ensure_pkgs build-essential bc flex bison libelf-dev libssl-dev xz-utils lz4 cpio busybox-static "$SRC_PKG"
 mkdir -p "$GUEST_DIR"

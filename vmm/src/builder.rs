@@ -92,7 +92,9 @@ pub fn build_and_run(config: &VmConfig, start: Instant) -> Result<VmExit, Error>
     let kvm = kvm::open()?;
     let host = Host::real();
     stages.mark("kvm and host", start);
-    let vm = Vm::create(&kvm, memory::create(config.mem_bytes)?)?;
+    let vm = Vm::create(&kvm, memory::create(config.mem_bytes, config.thp)?)?;
+    let thp = if config.thp == memory::Thp::On { "on" } else { "off" };
+    log::info!("guest RAM: {} MiB, --thp {thp} (host THP: {})", config.mem_bytes >> 20, host.thp.as_deref().unwrap_or("none"));
     if config.nested {
         nested::preflight(&host, Some(&kvm), Some(&vm.fd))?;
     }

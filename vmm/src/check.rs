@@ -229,6 +229,7 @@ pub fn build_report(host: &Host, kvm: Result<KvmFacts, String>) -> Report {
             format!("unavailable: {why}"),
         ),
     });
+    checks.push(thp_check(host.thp.as_deref()));
     checks.push(tun_check(&host.dev_tun));
     checks.push(vhost_net_check(&host.dev_vhost_net));
     Report {
@@ -378,6 +379,18 @@ fn nested_state_check(module: KvmModule, size: i32) -> Check {
     }
 }
 
+/// Whether guest RAM gets the 2 MiB pages `--thp on` asks for. Without them nvmm still runs,
+/// but KVM maps the guest 4 KiB at a time, which costs most in nested guests.
+fn thp_check(mode: Option<&str>) -> Check {
+    const NAME: &str = "huge pages";
+    const FIX: &str = "`echo madvise > /sys/kernel/mm/transparent_hugepage/enabled`";
+    match mode {
+        Some(m @ ("always" | "madvise")) => Check::new(NAME, Status::Pass, format!("transparent huge pages {m}: guest RAM is on 2 MiB pages (--thp on)")),
+        Some(m) => Check::new(NAME, Status::Warn, format!("transparent huge pages {m}: guest RAM stays on 4 KiB pages; {FIX}")),
+        None => Check::new(NAME, Status::Warn, "no transparent huge pages in this kernel (CONFIG_TRANSPARENT_HUGEPAGE): guest RAM stays on 4 KiB pages"),
+    }
+}
+
 fn tun_check(access: &DeviceAccess) -> Check {
     const NAME: &str = "tap networking";
     match access {
@@ -504,6 +517,7 @@ mod tests {
              PASS  VMX/SVM for guests: KVM_GET_SUPPORTED_CPUID offers SVM with NPT, 8 ASIDs\n\
              PASS  KVM_CAP_NESTED_STATE: present, up to 4224 bytes\n\
              PASS  nested virtualization: ready: --nested will work\n\
+             PASS  huge pages: transparent huge pages madvise: guest RAM is on 2 MiB pages (--thp on)\n\
              PASS  tap networking: /dev/net/tun opens read-write\n\
              WARN  vhost-net: /dev/vhost-net not found (nvmm does not use it)\n\
              result: {} PASS, 1 WARN, 0 FAIL; nvmm can run here; nested virtualization ready\n",
@@ -653,6 +667,24 @@ mod tests {
             find(&r, "nested parameter").detail,
             "on in /sys/module/kvm_intel/parameters/nested"
         );
+    }
+
+    #[test]
+    fn huge_pages_never_or_missing_only_warn() {
+        let t = FakeHost::nested_ready(&Vendor::Amd);
+        t.file(crate::host::SYS_THP_ENABLED, "always madvise [never]\n");
+        let r = build_report(&t.probe(Vendor::Amd), Ok(amd_facts()));
+        assert!(r.passed());
+        let c = find(&r, "huge pages");
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.starts_with("transparent huge pages never: guest RAM stays on 4 KiB pages; `echo madvise >"), "{}", c.detail);
+        t.remove(crate::host::SYS_THP_ENABLED);
+        let r = build_report(&t.probe(Vendor::Amd), Ok(amd_facts()));
+        assert_eq!(find(&r, "huge pages").status, Status::Warn);
+        assert!(find(&r, "huge pages").detail.contains("CONFIG_TRANSPARENT_HUGEPAGE"));
+        t.file(crate::host::SYS_THP_ENABLED, "[always] madvise never\n");
+        let r = build_report(&t.probe(Vendor::Amd), Ok(amd_facts()));
+        assert_eq!(find(&r, "huge pages").status, Status::Pass);
     }
 
     #[test]

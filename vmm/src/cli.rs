@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M or 2G (a bare number is MiB; above 3 GiB RAM continues at 4 GiB).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_mem)]
     pub mem: u64,
+    /// Guest RAM on transparent huge pages: on (2 MiB-aligned and MADV_HUGEPAGE, so KVM can map
+    /// it with 2 MiB entries; the host's THP setting must be madvise or always) or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub thp: crate::memory::Thp,
     /// Number of vCPUs, 1 to 64, one thread each.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=MAX_CPUS as i64))]
     pub cpus: u8,
@@ -97,7 +101,7 @@ pub struct RunArgs {
     pub seccomp: crate::seccomp::Mode,
     /// Start the VM saved in DIR (by `PUT /vm/snapshot`) instead of booting one; the machine's
     /// shape, disks and TAPs come from the snapshot.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "nested", "disk", "net", "no_acpi", "mem", "cpus", "cmdline", "entry"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "nested", "disk", "net", "no_acpi", "mem", "thp", "cpus", "cmdline", "entry"])]
     pub restore: Option<PathBuf>,
     /// With --restore: leave the VM paused until `PUT /vm/resume`.
     #[arg(long)]
@@ -169,6 +173,7 @@ impl RunArgs {
             initrd: self.initrd,
             cmdline: self.cmdline,
             mem_bytes: self.mem,
+            thp: self.thp,
             cpus: self.cpus,
             nested: self.nested,
             disks: self.disk,
@@ -197,6 +202,7 @@ mod tests {
         assert_eq!(c.cmdline, None);
         assert_eq!(c.linux_cmdline(), DEFAULT_CMDLINE);
         assert!(!c.nested);
+        assert_eq!(c.thp, crate::memory::Thp::On);
         assert!(c.acpi);
         assert_eq!(c.seccomp, crate::seccomp::Mode::On);
         assert!(!c.debug_exit);
@@ -217,6 +223,8 @@ mod tests {
             .unwrap();
         assert_eq!((c.mem_bytes, c.cpus, c.nested, c.disks.len(), c.nets.len()), (1 << 30, 32, true, 2, 1));
         assert!(c.disks[1].read_only);
+        let c = parse(&["--kernel", "/k", "--thp", "off"]).unwrap().run.into_config().unwrap();
+        assert_eq!(c.thp, crate::memory::Thp::Off);
     }
 
     #[test]
@@ -224,6 +232,7 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--cpus", "0"]).is_err());
         assert!(parse(&["--kernel", "/k", "--cpus", "65"]).is_err());
         assert!(parse(&["--kernel", "/k", "--mem", "lots"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--thp", "maybe"]).is_err());
         assert!(parse(&["--kernel", "/k", "--disk", "readonly=on"]).is_err());
         assert_eq!(parse(&[]).unwrap().run.into_config(), Err(Error::NoKernel));
     }

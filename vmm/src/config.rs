@@ -12,6 +12,8 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
+    /// Back guest RAM with transparent huge pages.
+    pub thp: crate::memory::Thp,
     pub cpus: u8,
     /// Expose VMX/SVM to the guest.
     pub nested: bool,

@@ -31,6 +31,8 @@ pub const DEV_KVM: &str = "/dev/kvm";
 pub const DEV_TUN: &str = "/dev/net/tun";
 /// The vhost-net device (nvmm does not use it; reported for information).
 pub const DEV_VHOST_NET: &str = "/dev/vhost-net";
+/// The host's transparent huge page setting: `always`, `madvise` or `never`, the bracketed one.
+pub const SYS_THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
 /// Kernel command-line parameter naming the layer of an nvmm guest (see the module docs).
 pub const LAYER_PARAM: &str = "nvmm.layer";
 
@@ -417,6 +419,15 @@ pub struct Host {
     pub dev_vhost_net: DeviceAccess,
     /// Where in a stack of hypervisors we are.
     pub layer: Layer,
+    /// The transparent huge page setting (`always`, `madvise`, `never`); `None` without THP.
+    pub thp: Option<String>,
+}
+
+/// The bracketed word of a `transparent_hugepage/enabled` file: "always [madvise] never".
+pub fn parse_thp_mode(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
 }
 
 impl Host {
@@ -458,6 +469,7 @@ impl Host {
             dev_tun: fs.device_access(DEV_TUN),
             dev_vhost_net: fs.device_access(DEV_VHOST_NET),
             layer,
+            thp: fs.read(SYS_THP_ENABLED).and_then(|t| parse_thp_mode(&t)),
             fs,
         }
     }
@@ -510,6 +522,7 @@ pub(crate) mod fake {
             host.file(DEV_KVM, "");
             host.file(DEV_TUN, "");
             host.file(PROC_CMDLINE, "console=ttyS0 quiet\n");
+            host.file(SYS_THP_ENABLED, "always [madvise] never\n");
             host
         }
 

@@ -1,6 +1,7 @@
 //! The guest physical address map, guest RAM, and the E820 map that describes it.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 /// Fixed guest-physical addresses used during boot. All sit in the first MiB, below the kernel.
 pub mod layout {
@@ -52,7 +53,7 @@ pub enum Error {
     #[error("--mem {mib} MiB is more than this host's {host_mib} MiB of RAM")]
     TooLarge { mib: u64, host_mib: u64 },
     #[error("cannot allocate {0} MiB of guest memory: {1}")]
-    Allocate(u64, #[source] vm_memory::mmap::FromRangesError),
+    Allocate(u64, String),
 }
 
 pub const MIN_MEM_MIB: u64 = 16;
@@ -67,8 +68,21 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
+/// How guest RAM is backed: `--thp`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Thp {
+    /// 2 MiB-aligned and `MADV_HUGEPAGE`, as QEMU and Cloud Hypervisor back guest RAM.
+    #[default]
+    On,
+    /// The host's default page size, and whatever the host's THP setting gives unasked.
+    Off,
+}
+
+/// A transparent huge page on x86-64, and the alignment guest RAM needs for KVM to map it whole.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
 /// Allocates guest RAM after checking the size against what the host has.
-pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
+pub fn create(size: u64, thp: Thp) -> Result<GuestMemoryMmap, Error> {
     let mib = size >> 20;
     if mib < MIN_MEM_MIB {
         return Err(Error::TooSmall(mib));
@@ -78,9 +92,63 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, Error> {
             return Err(Error::TooLarge { mib, host_mib });
         }
     }
-    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Allocate(mib, e))?;
+    let mem = match thp {
+        Thp::Off => GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| Error::Allocate(mib, e.to_string()))?,
+        Thp::On => {
+            let mut regions = Vec::new();
+            for (addr, len) in ram_ranges(size) {
+                regions.push(huge_page_region(addr, len).map_err(|e| Error::Allocate(mib, e))?);
+            }
+            GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Allocate(mib, e.to_string()))?
+        }
+    };
     leave_out_of_core_dumps(&mem);
     Ok(mem)
+}
+
+/// One RAM region on transparent huge pages. KVM maps a guest page with one 2 MiB nested page
+/// table entry only when the host backs it with a huge page at the same offset within 2 MiB, so
+/// the mapping starts on a 2 MiB boundary (as the guest addresses of RAM regions do): a guest's
+/// first touch of fresh memory is then one nested page fault per 2 MiB instead of per 4 KiB, and
+/// at depth each one is a round trip through every KVM below. The kernel aligns large anonymous
+/// mappings by itself only since Linux 6.7 and only for some lengths, hence the reservation.
+///
+/// The mapping is never unmapped: nvmm builds one VM per process, and guest memory is shared with
+/// every vCPU and device thread for the life of it.
+fn huge_page_region(addr: GuestAddress, len: usize) -> Result<GuestRegionMmap, String> {
+    let huge = HUGE_PAGE as usize;
+    let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
+    let reserved = len + huge;
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing: nothing else is
+    // touched.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), reserved, prot, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    let start = (base as usize).next_multiple_of(huge);
+    let (head, tail) = (start - base as usize, reserved - len - (start - base as usize));
+    // SAFETY: both ranges are the unaligned ends of the mapping just made, which nothing uses.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: MADV_HUGEPAGE on the mapping made above changes only how its pages are backed.
+    // Without THP in the host kernel it fails (EINVAL) and the pages stay 4 KiB, which is fine.
+    if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
+        log::debug!("guest RAM stays on 4 KiB pages: madvise(MADV_HUGEPAGE): {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `start` and `len` are exactly the part of the mapping left above, which is never
+    // unmapped (see the function's comment), so it stays valid for as long as the region lives.
+    let mapping = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(start as *mut u8) }
+        .with_mmap_prot(prot)
+        .with_mmap_flags(flags)
+        .build()
+        .map_err(|e| e.to_string())?;
+    GuestRegionMmap::new(mapping, addr).ok_or_else(|| format!("region at {:#x} overflows", addr.0))
 }
 
 /// Marks guest RAM `MADV_DONTDUMP`: a core dump of nvmm (after a panic, with panic=abort) would
@@ -191,17 +259,51 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn guest_ram_is_left_out_of_core_dumps() {
-        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
-        let mem = create(64 << 20).unwrap();
-        let region = mem.iter().next().unwrap();
-        let start = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+    /// The `VmFlags:` of the mapping that starts at `start`, from /proc/self/smaps.
+    fn vm_flags(start: usize) -> Vec<String> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&format!("{start:x}-")));
         assert!(lines.next().is_some(), "guest RAM mapping at {start:#x} not in smaps");
         let flags = lines.find(|l| l.starts_with("VmFlags:")).unwrap();
-        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+        flags.split_whitespace().skip(1).map(str::to_string).collect()
+    }
+
+    fn host_starts(mem: &GuestMemoryMmap) -> Vec<usize> {
+        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+        mem.iter().map(|r| r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize).collect()
+    }
+
+    #[test]
+    fn guest_ram_is_left_out_of_core_dumps() {
+        for thp in [Thp::On, Thp::Off] {
+            let mem = create(64 << 20, thp).unwrap();
+            let flags = vm_flags(host_starts(&mem)[0]);
+            assert!(flags.iter().any(|f| f == "dd"), "{thp:?}: {flags:?}");
+        }
+    }
+
+    /// With THP on, each RAM region starts on a 2 MiB boundary and is advised for huge pages, so
+    /// that KVM can map it with 2 MiB entries; a size that is not a multiple of 2 MiB (which the
+    /// kernel would not align by itself) included. Off, it is not advised.
+    #[test]
+    fn guest_ram_on_huge_pages_is_aligned_and_advised() {
+        use vm_memory::{Bytes, GuestMemoryRegion};
+        for size in [(64 << 20) + (1 << 20), 17 << 20] {
+            let mem = create(size, Thp::On).unwrap();
+            assert_eq!(self::size(&mem), size);
+            for (start, region) in host_starts(&mem).into_iter().zip(mem.iter()) {
+                assert_eq!(start as u64 % HUGE_PAGE, 0, "{size:#x}: region at {start:#x}");
+                assert_eq!(region.start_addr().0 % HUGE_PAGE, 0);
+                if crate::host::HostFs::real().read(crate::host::SYS_THP_ENABLED).is_some() {
+                    assert!(vm_flags(start).iter().any(|f| f == "hg"), "{size:#x}: {:?}", vm_flags(start));
+                }
+            }
+            // The whole of it is usable, to the last byte.
+            mem.write_obj(0xa5u8, GuestAddress(size - 1)).unwrap();
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(size - 1)).unwrap(), 0xa5);
+        }
+        let mem = create(64 << 20, Thp::Off).unwrap();
+        assert!(!vm_flags(host_starts(&mem)[0]).iter().any(|f| f == "hg"));
     }
 
     #[test]
@@ -245,7 +347,7 @@ mod tests {
     #[test]
     fn touching_guest_memory_shows_in_its_rss() {
         use vm_memory::Bytes;
-        let mem = create(32 << 20).unwrap();
+        let mem = create(32 << 20, Thp::On).unwrap();
         let before = host_usage(&mem).unwrap();
         mem.write_slice(&vec![1u8; 8 << 20], GuestAddress(0)).unwrap();
         let after = host_usage(&mem).unwrap();
@@ -255,8 +357,8 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(matches!(create(1 << 20), Err(Error::TooSmall(1))));
-        assert!(matches!(create(1 << 50), Err(Error::TooLarge { .. })));
-        assert!(create(32 << 20).is_ok());
+        assert!(matches!(create(1 << 20, Thp::On), Err(Error::TooSmall(1))));
+        assert!(matches!(create(1 << 50, Thp::On), Err(Error::TooLarge { .. })));
+        assert!(create(32 << 20, Thp::On).is_ok());
     }
 }

@@ -13,6 +13,7 @@
 //! API's pause, resume and snapshot nor anything else runs it until its wake event. The wake puts
 //! each vCPU in the state firmware leaves at a resume (`vcpu/reset.rs`), then resumes as above.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use crate::memory;
 use crate::sleep::{self, SleepSignal};
 use crate::vcpu::reset::ResetState;
 use crate::vcpu::profile::VcpuProfile;
+use crate::vcpu::stats::{KvmStats, VM_PROFILE_STATS};
 use crate::vcpu::{self, ExitSignal, ExitSource, VcpuHandle, VcpuMessage, VcpuReport, VmExit};
 use crate::virtio::AttachedDisk;
 use crate::vm::Vm;
@@ -145,13 +147,18 @@ pub struct Profile {
     /// The start-up stages as `[name, ms from nvmm's start at its end]` pairs.
     pub startup_stages_ms: StartupStages,
     pub vcpus: Vec<VcpuProfile>,
+    /// KVM's statistics of the whole VM (`VM_PROFILE_STATS`: the guest pages it maps now, by
+    /// size); `null` without `KVM_GET_STATS_FD` on the VM.
+    pub kvm_vm: Option<BTreeMap<String, u64>>,
 }
 
 impl Profile {
-    fn of(vcpus: &[VcpuHandle], stages: &StartupStages) -> Self {
+    fn of(vcpus: &[VcpuHandle], stages: &StartupStages, vm: &Vm) -> Self {
         let vcpus: Vec<VcpuProfile> = vcpus.iter().map(VcpuHandle::profile).collect();
         let startup_ms = vcpus.iter().filter_map(|v| v.first_run_ms).reduce(f64::min);
-        Self { startup_ms, startup_stages_ms: stages.clone(), vcpus }
+        // Opened when asked: it is one ioctl, and the VM's fd needs no vCPU's lock.
+        let kvm_vm = KvmStats::open(&vm.fd, VM_PROFILE_STATS).map(|s| s.read());
+        Self { startup_ms, startup_stages_ms: stages.clone(), vcpus, kvm_vm }
     }
 }
 
@@ -414,7 +421,7 @@ impl Vmm {
             nested: self.facts.nested,
             uptime_ms: self.facts.started.elapsed().as_millis() as u64,
             vcpus,
-            profile: Profile::of(&self.vcpus, &self.facts.stages),
+            profile: Profile::of(&self.vcpus, &self.facts.stages, &self.vm),
         }
     }
 
@@ -505,7 +512,7 @@ impl Vmm {
         }
         let teardown = started.elapsed();
         if log::log_enabled!(log::Level::Info) {
-            log_profile(&Profile::of(&self.vcpus, &self.facts.stages), teardown);
+            log_profile(&Profile::of(&self.vcpus, &self.facts.stages, &self.vm), teardown);
         }
         if let Some(u) = memory::host_usage(&self.vm.mem) {
             log::info!(
@@ -529,6 +536,10 @@ fn log_profile(profile: &Profile, teardown: Duration) {
     let lines: Vec<String> = profile.vcpus.iter().flat_map(VcpuProfile::lines).map(|l| format!("profile: {l}")).collect();
     // Each further line carries the logger's prefix too, so every line reads on its own.
     log::info!("{}", lines.join("\nnvmm: info: "));
+    if let Some(stats) = &profile.kvm_vm {
+        let pages: Vec<String> = stats.iter().map(|(name, n)| format!("{name} {n}")).collect();
+        log::info!("profile: KVM maps guest memory now in {}", pages.join(", "));
+    }
 }
 
 /// A vCPU that answers `Stopped` belongs to a VM that is ending.
@@ -572,7 +583,12 @@ mod tests {
             nested: true,
             uptime_ms: 1500,
             vcpus: vec![VcpuInfo { id: 0, exits: 42, exits_source: ExitSource::KvmStats }],
-            profile: Profile { startup_ms: Some(12.5), startup_stages_ms: StartupStages(vec![("kvm", 1.5)]), vcpus: vec![] },
+            profile: Profile {
+                startup_ms: Some(12.5),
+                startup_stages_ms: StartupStages(vec![("kvm", 1.5)]),
+                vcpus: vec![],
+                kvm_vm: Some(BTreeMap::from([("pages_2m".to_string(), 3)])),
+            },
         };
         let v = serde_json::to_value(info).unwrap();
         assert_eq!(v["state"], "paused");
@@ -581,6 +597,7 @@ mod tests {
         assert_eq!(v["memory_bytes"], 268435456u64);
         assert_eq!(v["profile"]["startup_ms"], 12.5);
         assert_eq!(v["profile"]["startup_stages_ms"], serde_json::json!([["kvm", 1.5]]));
+        assert_eq!(v["profile"]["kvm_vm"]["pages_2m"], 3);
         assert!(v["profile"]["vcpus"].is_array());
     }
 }

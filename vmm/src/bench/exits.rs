@@ -138,7 +138,7 @@ fn mem_size(iterations: u32) -> u64 {
 impl Runner {
     /// Builds the VM: memory, irqchip, ioeventfds, one configured vCPU in long mode, the program.
     pub fn new(kvm: &Kvm, vendor: &Vendor, iterations: u32) -> Result<Runner, Error> {
-        let vm = Vm::create(kvm, memory::create(mem_size(iterations))?)?;
+        let vm = Vm::create(kvm, memory::create(mem_size(iterations), memory::Thp::On)?)?;
         let ioevents = [EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?, EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?];
         // Any write of any size to the port completes in KVM: `out imm8, al` leaves al undefined.
         vm.fd

@@ -73,9 +73,11 @@ pub fn write(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<Written,
         // call; the VM is paused, so no vCPU or device writes it while the slice exists.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len as usize) };
         let source = region.file_offset().map(|f| (f.file(), f.start()));
-        for (start, end) in runs_to_write(&mut pagemap, host, len, source)? {
-            file.write_all_at(&bytes[start as usize..end as usize], offset + start).map_err(werr)?;
-            bytes_written += end - start;
+        for run in runs_to_write(&mut pagemap, host, len, source)? {
+            for (start, end) in without_zero_pages(bytes, run) {
+                file.write_all_at(&bytes[start as usize..end as usize], offset + start).map_err(werr)?;
+                bytes_written += end - start;
+            }
         }
         ranges.push(MemoryRange { guest_addr: region.start_addr().0, len, file_offset: offset });
         offset += len;
@@ -117,6 +119,25 @@ fn runs_to_write(pagemap: &mut File, host: u64, len: u64, source: Option<(&File,
         }
     }
     Ok(runs)
+}
+
+/// The pages of `run` (byte offsets into `bytes`) that are not all zeros, neighbours merged. The
+/// file's holes read back as zeros, so a zero page need not be written; and on transparent huge
+/// pages one page the guest touched makes all 512 of its 2 MiB present, most of them zeros.
+fn without_zero_pages(bytes: &[u8], (start, end): (u64, u64)) -> Vec<(u64, u64)> {
+    let is_zero = |page: &[u8]| page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for a in (start..end).step_by(PAGE as usize) {
+        let b = (a + PAGE).min(end);
+        if is_zero(&bytes[a as usize..b as usize]) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if last.1 == a => last.1 = b,
+            _ => runs.push((a, b)),
+        }
+    }
+    runs
 }
 
 /// The parts of `file` between `from` and `to` that hold data (SEEK_DATA/SEEK_HOLE); all of it
@@ -183,13 +204,26 @@ mod tests {
         vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/nvmm-snapmem").unwrap()
     }
 
+    /// Zero pages are left out of a run, whole pages at a time, and what is left is merged.
+    #[test]
+    fn zero_pages_are_not_written() {
+        let p = PAGE as usize;
+        let mut bytes = vec![0u8; 6 * p];
+        bytes[p] = 1; // page 1
+        bytes[3 * p - 1] = 2; // the last byte of page 2
+        bytes[5 * p + 7] = 3; // page 5
+        assert_eq!(without_zero_pages(&bytes, (0, 6 * PAGE)), vec![(PAGE, 3 * PAGE), (5 * PAGE, 6 * PAGE)]);
+        assert_eq!(without_zero_pages(&bytes, (3 * PAGE, 5 * PAGE)), vec![]);
+        assert_eq!(without_zero_pages(&bytes, (2 * PAGE, 6 * PAGE)), vec![(2 * PAGE, 3 * PAGE), (5 * PAGE, 6 * PAGE)]);
+    }
+
     /// Touched pages are written, the rest are holes; the file maps back with the same bytes,
     /// and writes to the mapping do not reach the file. Written again from that mapping (a VM
     /// that was restored), the pages it only read come from the first file.
     #[test]
     fn sparse_write_and_private_map() {
         let dir = scratch();
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, crate::memory::Thp::On).unwrap();
         mem.write_slice(b"first", GuestAddress(0x1000)).unwrap();
         mem.write_slice(b"last", GuestAddress((64 << 20) - 4)).unwrap();
         let path = dir.as_path().join("memory");

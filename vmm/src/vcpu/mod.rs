@@ -187,7 +187,7 @@ mod tests {
             crate::skip_test("no /dev/kvm");
             return;
         };
-        let vm = Vm::create(&kvm, memory::create(64 << 20).unwrap()).unwrap();
+        let vm = Vm::create(&kvm, memory::create(64 << 20, memory::Thp::On).unwrap()).unwrap();
         let mut a = CodeAssembler::new(16).unwrap();
         a.anonymous_label().unwrap();
         a.out(0x80u32, al).unwrap();
@@ -235,7 +235,7 @@ mod tests {
             crate::skip_test("no /dev/kvm");
             return;
         };
-        let mem = memory::create(16 << 20).unwrap();
+        let mem = memory::create(16 << 20, memory::Thp::On).unwrap();
         let fd = kvm.create_vm().unwrap();
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot: 0,

@@ -124,7 +124,7 @@ mod tests {
             crate::skip_test("no /dev/kvm");
             return;
         };
-        let vm = crate::vm::Vm::create(&kvm, crate::memory::create(64 << 20).unwrap()).unwrap();
+        let vm = crate::vm::Vm::create(&kvm, crate::memory::create(64 << 20, crate::memory::Thp::On).unwrap()).unwrap();
         let entry = Entry::Linux64 { rip: 0x10_0000 };
         let gdt = regs::write_boot_tables(&vm.mem, entry).unwrap();
         let vcpu = Vcpu::new(&vm.fd, 0).unwrap();

@@ -5,7 +5,8 @@
 //! natively and is answered by the hypervisor below), and `GET /vm` to report each vCPU's exits.
 //! The file is opened before the vCPU thread starts: every vCPU ioctl, this one included, waits
 //! for the vCPU's mutex, which a running `KVM_RUN` holds. Reading it later needs no ioctl.
-//! The exit profile (`profile.rs`) reads the other per-vCPU statistics KVM names the same way.
+//! The exit profile (`profile.rs`) reads the other per-vCPU statistics KVM names the same way, and
+//! the VM's own (its fd has the same ioctl): how much guest memory KVM has mapped, by page size.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -38,6 +39,9 @@ pub const PROFILE_STATS: &[&str] = &[
     "pf_taken",
     "nested_run",
 ];
+/// The VM-wide statistics the exit profile reports: the guest pages KVM maps now, by size (x86,
+/// two-dimensional paging only). With guest RAM on huge pages (`--thp on`) most are 2 MiB.
+pub const VM_PROFILE_STATS: &[&str] = &["pages_4k", "pages_2m", "pages_1g"];
 /// `struct kvm_stats_header`: six u32 fields.
 const HEADER_SIZE: usize = 24;
 /// `struct kvm_stats_desc` without its name: flags u32, exponent i16, size u16, offset u32,
@@ -52,10 +56,11 @@ pub struct KvmStats {
 }
 
 impl KvmStats {
-    /// Opens the vCPU's statistics and finds those of `names` KVM has; `None` if it has none.
-    pub fn open(vcpu: &VcpuFd, names: &[&'static str]) -> Option<KvmStats> {
+    /// Opens the statistics of a vCPU (or of the VM, given its fd) and finds those of `names` KVM
+    /// has; `None` if it has none.
+    pub fn open(kvm_fd: &impl AsRawFd, names: &[&'static str]) -> Option<KvmStats> {
         // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd (or -1), which we own.
-        let fd = unsafe { ioctl(vcpu, KVM_GET_STATS_FD()) };
+        let fd = unsafe { ioctl(kvm_fd, KVM_GET_STATS_FD()) };
         if fd < 0 {
             return None;
         }
