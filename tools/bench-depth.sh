@@ -16,9 +16,12 @@
 # TCG inflates absolute numbers; the nvmm/QEMU ratios are what this measures.
 #
 # Usage: tools/bench-depth.sh [ROUNDS]   (default 5)
+#   NVMM_ARGS="--thp off" tools/bench-depth.sh: more options for nvmm at both layers, to measure
+#   what one of its defaults buys.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 rounds="${1:-5}"
+nvmm_args="${NVMM_ARGS:-}"
 "$REPO_ROOT/tools/build-guest.sh" >&2
 nvmm="$("$REPO_ROOT/tools/build-nvmm.sh")"
 tmp="$(mktemp -d)"
@@ -57,7 +60,7 @@ image() {
 }
 image leaf 'exit 0'
 image l2nvmm "$timed
-timed L3 nvmm /lab/nvmm --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 96M --cmdline '$nvmm_cmdline'" \
+timed L3 nvmm /lab/nvmm $nvmm_args --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 96M --cmdline '$nvmm_cmdline'" \
     "$nvmm:/lab/nvmm" "$GUEST_DIR/bzImage:/lab/bzImage" "$tmp/leaf.cpio:/lab/leaf.cpio"
 image l2qemu "$timed
 timed L3 qemu /usr/bin/qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 -m 96 -nographic -no-reboot \
@@ -71,9 +74,9 @@ qemu() {
         -kernel /lab/bzImage -initrd "\$2" -append '$qemu_cmdline'
 }
 for i in \$(seq $rounds); do
-    timed L2 nvmm /lab/nvmm --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 384M --cmdline '$nvmm_cmdline'
+    timed L2 nvmm /lab/nvmm $nvmm_args --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 384M --cmdline '$nvmm_cmdline'
     timed L2 qemu qemu 384 /lab/leaf.cpio
-    timed L1VIEW nvmm /lab/nvmm --nested --log-level info --kernel /lab/bzImage --initrd /lab/l2nvmm.cpio --mem 384M --cmdline '$nvmm_cmdline'
+    timed L1VIEW nvmm /lab/nvmm $nvmm_args --nested --log-level info --kernel /lab/bzImage --initrd /lab/l2nvmm.cpio --mem 384M --cmdline '$nvmm_cmdline'
     timed L1VIEW qemu qemu 384 /lab/l2qemu.cpio
 done
 SCRIPT
