@@ -59,10 +59,16 @@ image() {
     cat "$GUEST_DIR/initramfs.cpio" "$tmp/$name.extra" > "$tmp/$name.cpio"
 }
 image leaf 'exit 0'
+# Linux turns transparent huge pages off by itself below 512 MiB of RAM, which L2's 384 MiB is (and
+# only sysfs turns them back on): madvise mode gives both L2 VMMs the huge pages they ask for (both
+# do) for L3's RAM.
+thp='echo madvise > /sys/kernel/mm/transparent_hugepage/enabled'
 image l2nvmm "$timed
+$thp
 timed L3 nvmm /lab/nvmm $nvmm_args --log-level info --kernel /lab/bzImage --initrd /lab/leaf.cpio --mem 96M --cmdline '$nvmm_cmdline'" \
     "$nvmm:/lab/nvmm" "$GUEST_DIR/bzImage:/lab/bzImage" "$tmp/leaf.cpio:/lab/leaf.cpio"
 image l2qemu "$timed
+$thp
 timed L3 qemu /usr/bin/qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 -m 96 -nographic -no-reboot \
     -kernel /lab/bzImage -initrd /lab/leaf.cpio -append '$qemu_cmdline'" \
     --bin /usr/bin/qemu-system-x86_64 "${qemu_fw[@]}" "$GUEST_DIR/bzImage:/lab/bzImage" "$tmp/leaf.cpio:/lab/leaf.cpio"

@@ -12,6 +12,8 @@ use nvmm_tests::{guest_dir, nvmm_bin, Lab, LabRun};
 const REPORT: &str = r#"
 echo "L2-NPROC=$(nproc)"
 echo "L2-MEMKB=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+echo "L2-PACKAGES=$(cat /sys/devices/system/cpu/cpu*/topology/physical_package_id | sort -u | wc -l)"
+if dmesg | grep -q "TSCs unsynchronized"; then echo "L2-TSC=unsynchronized"; else echo "L2-TSC=synchronized"; fi
 "#;
 
 fn boot(kernel: &str, cpus: u32, mem: &str, lab_mem_mib: u32) -> LabRun {
@@ -41,6 +43,10 @@ fn mem_kib(run: &LabRun) -> u64 {
 
 fn assert_booted(run: &LabRun, cpus: u32, mem_mib: u64) {
     run.assert_marker(&format!("L2-NPROC={cpus}"));
+    // Every vCPU is a core of one package (the topology leaf's core level, which nvmm adds): as
+    // separate packages, an AMD guest would mark its TSC unstable.
+    run.assert_marker("L2-PACKAGES=1");
+    run.assert_marker("L2-TSC=synchronized");
     let kib = mem_kib(run);
     // MemTotal excludes the kernel's own image and reservations: within 15% below what we gave.
     assert!(kib <= mem_mib * 1024 && kib > mem_mib * 1024 * 85 / 100, "guest MemTotal {kib} KiB for --mem {mem_mib}M");

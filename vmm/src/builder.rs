@@ -272,7 +272,7 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, host: &Host, config: &VmConfig) -> Result<Ve
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
         let mut cpuid = supported.clone();
-        cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus, tsc_deadline);
+        cpuid::shape_for_vcpu(&mut cpuid, id, config.cpus, tsc_deadline)?;
         nested::shape_cpuid(&mut cpuid, &host.vendor, config.nested)?;
         let vcpu = Vcpu::new(&vm.fd, id)?;
         // The guest's TSC runs at the rate KVM gives a new vCPU; 0 (unknown) leaves the leaf out.

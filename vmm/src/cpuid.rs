@@ -49,7 +49,8 @@ fn id_bits(n: u8) -> u32 {
 }
 
 /// Shapes `cpuid` for vCPU `id` of `count`. `tsc_deadline`: KVM can emulate the TSC-deadline timer.
-pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) {
+pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) -> Result<(), Error> {
+    add_topology_levels(cpuid)?;
     let apic_id = u32::from(id);
     let count32 = u32::from(count);
     let core_bits = id_bits(count);
@@ -89,6 +90,25 @@ pub fn shape_for_vcpu(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) 
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Gives each topology leaf KVM lists (0xb, and 0x1f on Intel) the three subleaves that describe
+/// one package of cores: SMT, core, and the invalid level that ends the list. Since Linux 6.2 KVM
+/// reports only subleaf 0, zeroed ("no topology": userspace is to describe its own). With subleaf
+/// 0 alone a guest finds no core level and counts each vCPU as a package of its own; on AMD, Linux
+/// then marks the TSC unstable as it does on multi-socket machines ("TSCs unsynchronized"), and a
+/// 2-vCPU guest of nvmm went without the TSC clocksource that the same guest of QEMU has.
+fn add_topology_levels(cpuid: &mut CpuId) -> Result<(), Error> {
+    for leaf in [LEAF_EXT_TOPOLOGY, LEAF_V2_EXT_TOPOLOGY] {
+        let Some(first) = cpuid.as_slice().iter().find(|e| e.function == leaf && e.index == 0).copied() else { continue };
+        for index in 1..=2 {
+            if !cpuid.as_slice().iter().any(|e| e.function == leaf && e.index == index) {
+                cpuid.push(kvm_cpuid_entry2 { index, ..first }).map_err(|e| Error::AddLeaf(leaf, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Tells the guest its TSC frequency (`KVM_GET_TSC_KHZ`) and the LAPIC timer's in leaf
@@ -121,6 +141,10 @@ pub struct TimerFacts {
     pub invariant_tsc: bool,
     pub tsc_deadline: bool,
     pub x2apic: bool,
+    /// Leaf 0xb subleaf 1 EBX: the logical processors of the package, as the core level says;
+    /// `None` without one (each vCPU a package of its own, which on AMD makes Linux distrust
+    /// the TSC as on a multi-socket machine).
+    pub package_cpus: Option<u32>,
 }
 
 /// Leaf 0x8000_0007 EDX bit 8 (InvariantTSC); leaf 1 ECX bit 21 (x2APIC).
@@ -140,6 +164,11 @@ impl TimerFacts {
             invariant_tsc: leaf(LEAF_POWER_MGMT).is_some_and(|e| e.edx & EDX_INVARIANT_TSC != 0),
             tsc_deadline: l1.ecx & ECX_TSC_DEADLINE != 0,
             x2apic: l1.ecx & ECX_X2APIC != 0,
+            package_cpus: cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == LEAF_EXT_TOPOLOGY && e.index == 1 && (e.ecx >> 8) & 0xff == LEVEL_TYPE_CORE)
+                .map(|e| e.ebx & 0xffff),
         }
     }
 }
@@ -168,6 +197,7 @@ fn shape_topology_level(e: &mut kvm_cpuid_entry2, apic_id: u32, count: u32, core
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
 
     pub fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
@@ -184,9 +214,8 @@ pub(crate) mod tests {
             entry(0, 0, 0x1f, b, c, d),
             entry(1, 0, 0x00a20f12, 0x0008_0800, 0xf6f8_3203, 0x178b_fbff),
             entry(4, 0, 0x121, 0x1c0003f, 0x3f, 0),
-            entry(0xb, 0, 1, 2, 0x100, 7),
-            entry(0xb, 1, 4, 16, 0x201, 7),
-            entry(0xb, 2, 0, 0, 2, 7),
+            // What KVM reports since Linux 6.2: subleaf 0 alone, zeroed but for flags.
+            kvm_cpuid_entry2 { function: 0xb, index: 0, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() },
             entry(0x8000_0001, 0, 0, 0, 0x75c2_37ff, 0x2fd3_fbff),
             entry(0x8000_0008, 0, 0x3030, 0, 0x700f, 0),
             entry(0x8000_001e, 0, 9, 0x104, 0x300, 0),
@@ -202,7 +231,7 @@ pub(crate) mod tests {
     fn each_vcpu_gets_its_apic_id_and_a_consistent_topology() {
         for id in 0..4u8 {
             let mut c = supported(b"AuthenticAMD");
-            shape_for_vcpu(&mut c, id, 4, true);
+            shape_for_vcpu(&mut c, id, 4, true).unwrap();
             let l1 = get(&c, 1, 0);
             assert_eq!(l1.ebx >> 24, id as u32);
             assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -215,18 +244,39 @@ pub(crate) mod tests {
             assert_eq!(get(&c, 0xb, 1).eax, 2);
             assert!((0..3).all(|i| get(&c, 0xb, i).edx == id as u32));
             assert_eq!(get(&c, 0xb, 2).ecx, 2, "invalid level ends the enumeration");
+            assert_eq!(get(&c, 0xb, 0).ecx >> 8, LEVEL_TYPE_SMT);
+            assert_eq!(get(&c, 0xb, 1).ecx >> 8, LEVEL_TYPE_CORE);
+            assert!((0..3).all(|i| get(&c, 0xb, i).flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0));
+            assert_eq!(c.as_slice().iter().filter(|e| e.function == 0xb).count(), 3);
             assert_eq!(get(&c, 4, 0).eax >> 26, 3);
             assert_eq!(get(&c, 0x8000_0008, 0).ecx & 0xff, 3);
             assert_eq!((get(&c, 0x8000_0008, 0).ecx >> 12) & 0xf, 2);
             assert_ne!(get(&c, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
             assert_eq!(get(&c, 0x8000_001e, 0).eax, id as u32);
+            assert_eq!(TimerFacts::of(&c).package_cpus, Some(4));
+        }
+    }
+
+    /// Intel's v2 topology leaf gets the same levels; a KVM that already lists subleaves (before
+    /// Linux 6.2 it passed the host's through) keeps them, shaped, and gets no duplicates.
+    #[test]
+    fn topology_levels_are_added_once_for_both_leaves() {
+        let mut c = supported(b"GenuineIntel");
+        c.push(kvm_cpuid_entry2 { function: 0x1f, index: 0, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() }).unwrap();
+        c.push(entry(0x1f, 1, 4, 16, 0x201, 7)).unwrap();
+        shape_for_vcpu(&mut c, 1, 2, true).unwrap();
+        for leaf in [0xb, 0x1f] {
+            assert_eq!(c.as_slice().iter().filter(|e| e.function == leaf).count(), 3, "{leaf:#x}");
+            assert_eq!((get(&c, leaf, 1).eax, get(&c, leaf, 1).ebx, get(&c, leaf, 1).ecx >> 8), (1, 2, LEVEL_TYPE_CORE));
+            assert_eq!((get(&c, leaf, 2).ebx, get(&c, leaf, 2).ecx >> 8), (0, 0));
+            assert!((0..3).all(|i| get(&c, leaf, i).edx == 1));
         }
     }
 
     #[test]
     fn single_vcpu_is_not_multicore() {
         let mut c = supported(b"GenuineIntel");
-        shape_for_vcpu(&mut c, 0, 1, false);
+        shape_for_vcpu(&mut c, 0, 1, false).unwrap();
         assert_eq!(get(&c, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(get(&c, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!(get(&c, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
@@ -269,7 +319,7 @@ pub(crate) mod tests {
     #[test]
     fn odd_counts_round_up_the_id_space() {
         let mut c = supported(b"AuthenticAMD");
-        shape_for_vcpu(&mut c, 2, 3, true);
+        shape_for_vcpu(&mut c, 2, 3, true).unwrap();
         assert_eq!(get(&c, 0xb, 1).eax, 2);
         assert_eq!((get(&c, 1, 0).ebx >> 16) & 0xff, 4);
         assert_eq!(get(&c, 0xb, 1).ebx, 3);

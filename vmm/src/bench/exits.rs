@@ -34,6 +34,8 @@ pub enum Error {
     Regs(#[from] regs::Error),
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    CpuidLeaf(#[from] cpuid::Error),
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
     #[error("KVM_IOEVENTFD (port {0:#x}): {1}")]
@@ -153,7 +155,7 @@ impl Runner {
         let vcpu = Vcpu::new(&vm.fd, 0)?;
         let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Cpuid)?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-        cpuid::shape_for_vcpu(&mut cpuid, 0, 1, tsc_deadline);
+        cpuid::shape_for_vcpu(&mut cpuid, 0, 1, tsc_deadline)?;
         vcpu.configure(&cpuid, &regs::boot_msrs(&[]))?;
         regs::enable_lapic(&vcpu.fd)?;
         let msr_value = read_msr(&vcpu, guest::MSR_BENCH)?;

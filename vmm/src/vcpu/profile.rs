@@ -246,12 +246,13 @@ impl VcpuProfile {
         if let Some(c) = &self.cpuid {
             let khz = |v: Option<u32>| v.map_or("none".to_string(), |k| format!("{k} kHz"));
             kvm += &format!(
-                "; CPUID: TSC {}, APIC bus {}, invariant TSC {}, TSC deadline {}, x2APIC {}",
+                "; CPUID: TSC {}, APIC bus {}, invariant TSC {}, TSC deadline {}, x2APIC {}, CPUs per package {}",
                 khz(c.tsc_khz),
                 khz(c.apic_bus_khz),
                 c.invariant_tsc,
                 c.tsc_deadline,
-                c.x2apic
+                c.x2apic,
+                c.package_cpus.map_or("unknown".to_string(), |n| n.to_string())
             );
         }
         [first, kvm]
