@@ -385,7 +385,7 @@ fn thp_check(mode: Option<&str>) -> Check {
     const NAME: &str = "huge pages";
     const FIX: &str = "`echo madvise > /sys/kernel/mm/transparent_hugepage/enabled`";
     match mode {
-        Some(m @ ("always" | "madvise")) => Check::new(NAME, Status::Pass, format!("transparent huge pages {m}: guest RAM is on 2 MiB pages (--thp on)")),
+        Some(m @ ("always" | "madvise")) => Check::new(NAME, Status::Pass, format!("transparent huge pages {m}: guest RAM gets 2 MiB pages (--thp on)")),
         Some(m) => Check::new(NAME, Status::Warn, format!("transparent huge pages {m}: guest RAM stays on 4 KiB pages; {FIX}")),
         None => Check::new(NAME, Status::Warn, "no transparent huge pages in this kernel (CONFIG_TRANSPARENT_HUGEPAGE): guest RAM stays on 4 KiB pages"),
     }
@@ -517,7 +517,7 @@ mod tests {
              PASS  VMX/SVM for guests: KVM_GET_SUPPORTED_CPUID offers SVM with NPT, 8 ASIDs\n\
              PASS  KVM_CAP_NESTED_STATE: present, up to 4224 bytes\n\
              PASS  nested virtualization: ready: --nested will work\n\
-             PASS  huge pages: transparent huge pages madvise: guest RAM is on 2 MiB pages (--thp on)\n\
+             PASS  huge pages: transparent huge pages madvise: guest RAM gets 2 MiB pages (--thp on)\n\
              PASS  tap networking: /dev/net/tun opens read-write\n\
              WARN  vhost-net: /dev/vhost-net not found (nvmm does not use it)\n\
              result: {} PASS, 1 WARN, 0 FAIL; nvmm can run here; nested virtualization ready\n",
