@@ -153,12 +153,10 @@ pub struct Profile {
 }
 
 impl Profile {
-    fn of(vcpus: &[VcpuHandle], stages: &StartupStages, vm: &Vm) -> Self {
+    fn of(vcpus: &[VcpuHandle], stages: &StartupStages, vm_stats: Option<&KvmStats>) -> Self {
         let vcpus: Vec<VcpuProfile> = vcpus.iter().map(VcpuHandle::profile).collect();
         let startup_ms = vcpus.iter().filter_map(|v| v.first_run_ms).reduce(f64::min);
-        // Opened when asked: it is one ioctl, and the VM's fd needs no vCPU's lock.
-        let kvm_vm = KvmStats::open(&vm.fd, VM_PROFILE_STATS).map(|s| s.read());
-        Self { startup_ms, startup_stages_ms: stages.clone(), vcpus, kvm_vm }
+        Self { startup_ms, startup_stages_ms: stages.clone(), vcpus, kvm_vm: vm_stats.map(KvmStats::read) }
     }
 }
 
@@ -211,6 +209,8 @@ pub struct Vmm {
     facts: Facts,
     persisted: Persisted,
     state: RunState,
+    /// The VM's own KVM statistics for the profile, opened once like each vCPU's.
+    vm_stats: Option<KvmStats>,
 }
 
 impl Vmm {
@@ -220,7 +220,8 @@ impl Vmm {
             parts.events.add_subscriber(Arc::new(Mutex::new(wakeup)));
         }
         let Parts { vm, events, exit, sleep, vcpus, devices, disks, api, facts, persisted, paused } = parts;
-        let mut vmm = Self { vm, events, exit, sleep, vcpus, devices, disks, api, facts, persisted, state: RunState::Running };
+        let vm_stats = KvmStats::open(&vm.fd, VM_PROFILE_STATS);
+        let mut vmm = Self { vm, events, exit, sleep, vcpus, devices, disks, api, facts, persisted, state: RunState::Running, vm_stats };
         if paused {
             // The vCPUs never ran; the devices must not either (a TAP would fill guest memory).
             for device in &vmm.devices {
@@ -421,7 +422,7 @@ impl Vmm {
             nested: self.facts.nested,
             uptime_ms: self.facts.started.elapsed().as_millis() as u64,
             vcpus,
-            profile: Profile::of(&self.vcpus, &self.facts.stages, &self.vm),
+            profile: Profile::of(&self.vcpus, &self.facts.stages, self.vm_stats.as_ref()),
         }
     }
 
@@ -512,7 +513,7 @@ impl Vmm {
         }
         let teardown = started.elapsed();
         if log::log_enabled!(log::Level::Info) {
-            log_profile(&Profile::of(&self.vcpus, &self.facts.stages, &self.vm), teardown);
+            log_profile(&Profile::of(&self.vcpus, &self.facts.stages, self.vm_stats.as_ref()), teardown);
         }
         if let Some(u) = memory::host_usage(&self.vm.mem) {
             log::info!(
